@@ -1,0 +1,465 @@
+"""MqttSession against a real Mosquitto: delivery, manual acks, persistent sessions, TLS errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import ssl
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ingest.errors import BrokerError, CredentialError
+from ingest.mqtt import Delivery, MqttOptions, MqttSession, probe_tls12
+from ingest.testing import CertBundle, MosquittoBroker, Publisher, publish_lines
+from ingest.testing.broker import free_port
+
+DEADLINE_S = 15.0
+# An MQTT 3.1.1 CONNECT: protocol "MQTT" level 4, flags 0x02 (clean session), keepalive 30 s,
+# client id "" (allowed with clean session [MQTT-3.1.3-7]).
+RAW_CONNECT = bytes([0x10, 12, 0, 4]) + b"MQTT" + bytes([4, 0x02, 0, 30, 0, 0])
+CONNACK_ACCEPTED = bytes([0x20, 2, 0, 0])
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = DEADLINE_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.01)
+
+
+class Inbox:
+    """Collects deliveries; optionally acks each one as it arrives (like a pipeline would later)."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, bytes, Delivery]] = []
+        self._lock = threading.Lock()
+        self.auto_ack: MqttSession | None = None
+        self.ack_results: list[bool] = []
+
+    def __call__(self, topic: str, payload: bytes, delivery: Delivery) -> None:
+        with self._lock:
+            self.items.append((topic, payload, delivery))
+        if self.auto_ack is not None:
+            self.ack_results.append(self.auto_ack.ack(delivery))
+
+    def payloads(self) -> list[bytes]:
+        with self._lock:
+            return [p for _, p, _ in self.items]
+
+    def wait_for(self, payload: bytes) -> Delivery:
+        wait_until(lambda: payload in self.payloads(), f"payload {payload!r}")
+        with self._lock:
+            return next(d for _, p, d in self.items if p == payload)
+
+
+@pytest.fixture(params=["3.1.1", "5"])
+def protocol(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"test/{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def make_options(
+    broker: MosquittoBroker, certs: CertBundle, protocol: str, prefix: str
+) -> Callable[..., MqttOptions]:
+    client_id = f"ingest-{uuid.uuid4().hex[:10]}"
+
+    def make(**overrides: Any) -> MqttOptions:
+        base = MqttOptions(
+            host=broker.host,
+            port=broker.port,
+            client_id=client_id,
+            topic=f"{prefix}/#",
+            ca_file=certs.ca_file,
+            cert_file=certs.client_cert,
+            key_file=certs.client_key,
+            protocol=protocol,  # type: ignore[arg-type]
+            reconnect_min_s=0.05,
+            reconnect_max_s=0.5,
+        )
+        return dataclasses.replace(base, **overrides)
+
+    return make
+
+
+@pytest.fixture
+def sessions() -> Iterator[Callable[..., MqttSession]]:
+    """Creates sessions and stops every one of them after the test."""
+    made: list[MqttSession] = []
+
+    def make(options: MqttOptions, inbox: Inbox, *, start: bool = True) -> MqttSession:
+        session = MqttSession(options, inbox)
+        made.append(session)
+        if start:
+            session.start()
+        return session
+
+    yield make
+    for session in made:
+        session.stop()
+
+
+def publish(broker: MosquittoBroker, certs: CertBundle, topic: str, payloads: list[bytes]) -> None:
+    publish_lines(broker, certs, [(topic, p) for p in payloads])
+
+
+def test_receives_published_qos1_messages_in_order(
+    broker: MosquittoBroker,
+    certs: CertBundle,
+    make_options: Callable[..., MqttOptions],
+    sessions: Callable[..., MqttSession],
+    prefix: str,
+) -> None:
+    inbox = Inbox()
+    session = sessions(make_options(), inbox)
+    # Acking as messages arrive matters: Mosquitto sends at most max_inflight_messages (20)
+    # unacknowledged PUBLISHes, so a consumer waiting for all 50 before acking would stall.
+    inbox.auto_ack = session
+    session.wait_first_connection(DEADLINE_S)
+    assert session.session_present is False
+    assert session.subscribes == 1
+
+    payloads = [f"m{i}".encode() for i in range(50)]
+    publish(broker, certs, f"{prefix}/a", payloads)
+    wait_until(lambda: len(inbox.items) == len(payloads), "50 messages")
+
+    assert inbox.payloads() == payloads  # one topic, QoS 1: broker keeps order [MQTT-4.6.0-5]
+    assert {t for t, _, _ in inbox.items} == {f"{prefix}/a"}
+    assert all(d.qos == 1 and d.generation == 1 for _, _, d in inbox.items)
+    assert inbox.ack_results == [True] * 50
+
+
+def test_binary_payloads_and_many_topics_via_paho_publisher(
+    broker: MosquittoBroker,
+    certs: CertBundle,
+    make_options: Callable[..., MqttOptions],
+    sessions: Callable[..., MqttSession],
+    prefix: str,
+) -> None:
+    inbox = Inbox()
+    session = sessions(make_options(), inbox)
+    inbox.auto_ack = session
+    session.wait_first_connection(DEADLINE_S)
+    sent = [(f"{prefix}/vin{i}/odometer", bytes([i, 10, 0, 255])) for i in range(20)]
+    with Publisher(broker, certs) as pub:
+        assert pub.publish_many(sent) == 20
+    wait_until(lambda: len(inbox.items) == 20, "20 messages")
+    assert sorted((t, p) for t, p, _ in inbox.items) == sorted(sent)
+    assert all(isinstance(p, bytes) for p in inbox.payloads())
+
+
+def test_unacked_messages_are_redelivered_to_the_same_client_id_and_acked_ones_are_not(
+    broker: MosquittoBroker,
+    certs: CertBundle,
+    make_options: Callable[..., MqttOptions],
+    sessions: Callable[..., MqttSession],
+    prefix: str,
+) -> None:
+    options = make_options()
+    first_inbox = Inbox()
+    first = sessions(options, first_inbox)
+    first.wait_first_connection(DEADLINE_S)
+    payloads = [f"m{i}".encode() for i in range(10)]
+    publish(broker, certs, f"{prefix}/a", payloads)
+    wait_until(lambda: len(first_inbox.items) == 10, "10 messages")
+    for _, _, delivery in first_inbox.items[:5]:
+        assert first.ack(delivery)
+    first.stop()  # DISCONNECT is queued behind the five PUBACKs
+
+    second_inbox = Inbox()
+    second = sessions(options, second_inbox)
+    second.wait_first_connection(DEADLINE_S)
+    assert second.session_present is True
+    # Redeliveries come first on reconnect [MQTT-4.4.0-1]; a marker published now comes after
+    # them, so once it arrives nothing else is on its way.
+    publish(broker, certs, f"{prefix}/a", [b"marker"])
+    second_inbox.wait_for(b"marker")
+    assert second_inbox.payloads() == [*payloads[5:], b"marker"]
+
+
+def test_session_present_skips_subscribe(
+    broker: MosquittoBroker,
+    certs: CertBundle,
+    make_options: Callable[..., MqttOptions],
+    sessions: Callable[..., MqttSession],
+    prefix: str,
+) -> None:
+    options = make_options()
+    first = sessions(options, Inbox())
+    first.wait_first_connection(DEADLINE_S)
+    assert first.subscribes == 1
+    first.stop()
+
+    inbox = Inbox()
+    second = sessions(options, inbox)
+    second.wait_first_connection(DEADLINE_S)
+    assert second.session_present is True
+    assert second.subscribes == 0  # the broker kept the subscription with the session
+    publish(broker, certs, f"{prefix}/b", [b"still subscribed"])
+    inbox.wait_for(b"still subscribed")
+
+
+def test_no_session_on_reconnect_resubscribes(
+    tmp_path: Path,
+    certs: CertBundle,
+    make_options: Callable[..., MqttOptions],
+    sessions: Callable[..., MqttSession],
+    prefix: str,
+) -> None:
+    with MosquittoBroker(tmp_path / "volatile", certs, persistence=False) as volatile:
+        inbox = Inbox()
+        session = sessions(make_options(port=volatile.port), inbox)
+        session.wait_first_connection(DEADLINE_S)
+        assert session.subscribes == 1
+
+        volatile.restart()  # no persistence: the session and its subscription are gone
+        wait_until(lambda: session.reconnects == 1 and session.subscribed.is_set(), "resubscribe")
+        assert session.session_present is False
+        assert session.subscribes == 2
+        publish(volatile, certs, f"{prefix}/c", [b"after resubscribe"])
+        inbox.wait_for(b"after resubscribe")
+
+
+def test_ack_from_an_older_connection_is_refused(
+    broker: MosquittoBroker,
+    certs: CertBundle,
+    make_options: Callable[..., MqttOptions],
+    sessions: Callable[..., MqttSession],
+    prefix: str,
+) -> None:
+    inbox = Inbox()
+    session = sessions(make_options(), inbox)
+    session.wait_first_connection(DEADLINE_S)
+    publish(broker, certs, f"{prefix}/a", [b"one"])
+    old = inbox.wait_for(b"one")
+    assert old.generation == 1
+
+    broker.restart()  # SIGTERM saves the session with "one" still in flight
+    wait_until(lambda: len(inbox.items) == 2, "redelivery after reconnect")
+    _, payload, new = inbox.items[1]
+    assert payload == b"one"
+    assert new.generation == 2
+    assert session.session_present is True
+
+    assert session.ack(old) is False  # its mid may name another message on this connection
+    assert session.ack(new) is True
+    assert session.ack(Delivery(generation=new.generation, mid=new.mid, qos=0)) is False
+
+
+def test_ack_after_stop_is_refused(
+    broker: MosquittoBroker,
+    certs: CertBundle,
+    make_options: Callable[..., MqttOptions],
+    sessions: Callable[..., MqttSession],
+    prefix: str,
+) -> None:
+    inbox = Inbox()
+    session = sessions(make_options(), inbox)
+    session.wait_first_connection(DEADLINE_S)
+    publish(broker, certs, f"{prefix}/a", [b"x"])
+    delivery = inbox.wait_for(b"x")
+    session.stop()
+    assert not session.connected.is_set()
+    assert session.ack(delivery) is False
+
+
+def raw_connect(
+    broker: MosquittoBroker,
+    certs: CertBundle,
+    cert: Path | None,
+    key: Path | None,
+    max_tls: ssl.TLSVersion | None = None,
+) -> bytes | str:
+    """TLS handshake plus an MQTT CONNECT; the broker's first 4 bytes, or why it failed."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(certs.ca_file)
+    if max_tls is not None:
+        ctx.maximum_version = max_tls
+    if cert is not None and key is not None:
+        ctx.load_cert_chain(cert, key)
+    try:
+        with (
+            socket.create_connection((broker.host, broker.port), timeout=5) as raw,
+            ctx.wrap_socket(raw, server_hostname=broker.host) as tls,
+        ):
+            tls.sendall(RAW_CONNECT)
+            return tls.recv(4)
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+@pytest.mark.parametrize("max_tls", [None, ssl.TLSVersion.TLSv1_2], ids=["tls1.3", "tls1.2"])
+def test_broker_refuses_clients_without_a_certificate_it_trusts(
+    broker: MosquittoBroker, certs: CertBundle, max_tls: ssl.TLSVersion | None
+) -> None:
+    # The control: the same path with the right certificate gets a CONNACK "accepted".
+    assert raw_connect(broker, certs, certs.client_cert, certs.client_key, max_tls) == (
+        CONNACK_ACCEPTED
+    )
+    refused = {
+        "no certificate": raw_connect(broker, certs, None, None, max_tls),
+        "other CA": raw_connect(
+            broker, certs, certs.other_client_cert, certs.other_client_key, max_tls
+        ),
+        "expired": raw_connect(
+            broker, certs, certs.expired_client_cert, certs.expired_client_key, max_tls
+        ),
+    }
+    for case, answer in refused.items():
+        assert answer in (b"",) or isinstance(answer, str), f"{case}: broker answered {answer!r}"
+
+
+def test_wrong_ca_file_fails_start_up_naming_the_file(
+    make_options: Callable[..., MqttOptions],
+    sessions: Callable[..., MqttSession],
+    certs: CertBundle,
+) -> None:
+    session = sessions(make_options(ca_file=certs.other_ca_file), Inbox())
+    with pytest.raises(CredentialError, match="server certificate not trusted by") as info:
+        session.wait_first_connection(DEADLINE_S)
+    assert str(certs.other_ca_file) in str(info.value)
+    assert not session.connected.is_set()
+
+
+def test_expired_client_certificate_fails_start_up(
+    make_options: Callable[..., MqttOptions],
+    sessions: Callable[..., MqttSession],
+    certs: CertBundle,
+) -> None:
+    options = make_options(cert_file=certs.expired_client_cert, key_file=certs.expired_client_key)
+    session = sessions(options, Inbox())
+    with pytest.raises(CredentialError, match="expired") as info:
+        session.wait_first_connection(DEADLINE_S)
+    assert str(certs.expired_client_cert) in str(info.value)
+
+
+def test_client_certificate_from_another_ca_fails_start_up(
+    make_options: Callable[..., MqttOptions],
+    sessions: Callable[..., MqttSession],
+    certs: CertBundle,
+) -> None:
+    options = make_options(cert_file=certs.other_client_cert, key_file=certs.other_client_key)
+    session = sessions(options, Inbox())
+    with pytest.raises(CredentialError, match="not signed by a CA the broker trusts"):
+        session.wait_first_connection(DEADLINE_S)
+
+
+def test_key_that_does_not_match_the_certificate_fails_at_start(
+    make_options: Callable[..., MqttOptions],
+    sessions: Callable[..., MqttSession],
+    certs: CertBundle,
+) -> None:
+    session = sessions(make_options(key_file=certs.other_client_key), Inbox(), start=False)
+    with pytest.raises(CredentialError, match="does not match certificate"):
+        session.start()
+
+
+@pytest.mark.parametrize("verify_hostname", [True, False])
+def test_hostname_mismatch(
+    tmp_path: Path,
+    certs: CertBundle,
+    make_options: Callable[..., MqttOptions],
+    sessions: Callable[..., MqttSession],
+    verify_hostname: bool,
+) -> None:
+    with MosquittoBroker(
+        tmp_path / "wrong-host",
+        certs,
+        server_cert=certs.wrong_host_server_cert,
+        server_key=certs.wrong_host_server_key,
+    ) as wrong:
+        options = make_options(port=wrong.port, verify_hostname=verify_hostname)
+        session = sessions(options, Inbox())
+        if verify_hostname:
+            with pytest.raises(CredentialError, match="hostname mismatch"):
+                session.wait_first_connection(DEADLINE_S)
+        else:
+            session.wait_first_connection(DEADLINE_S)  # the CA still vouches for the broker
+
+
+def test_unreachable_broker_times_out_with_a_retriable_error(
+    make_options: Callable[..., MqttOptions],
+    sessions: Callable[..., MqttSession],
+) -> None:
+    session = sessions(make_options(port=free_port()), Inbox())
+    with pytest.raises(BrokerError, match="ConnectionRefusedError") as info:
+        session.wait_first_connection(1.0)
+    assert info.value.retriable
+    started = time.monotonic()
+    session.stop(timeout_s=5.0)  # interrupts the backoff wait
+    assert time.monotonic() - started < 2.0
+
+
+def test_delivery_resumes_after_broker_crash_and_restart(
+    broker: MosquittoBroker,
+    certs: CertBundle,
+    make_options: Callable[..., MqttOptions],
+    sessions: Callable[..., MqttSession],
+    prefix: str,
+) -> None:
+    states: list[tuple[str, str]] = []
+    inbox = Inbox()
+    session = MqttSession(make_options(), inbox, on_state=lambda s, d: states.append((s, d)))
+    inbox.auto_ack = session
+    session.start()
+    try:
+        session.wait_first_connection(DEADLINE_S)
+        publish(broker, certs, f"{prefix}/a", [b"before"])
+        inbox.wait_for(b"before")
+
+        broker.kill()
+        wait_until(lambda: not session.connected.is_set(), "disconnect noticed")
+        broker.restart()
+        # Whether the session survived depends on the last autosave; either way we subscribe.
+        wait_until(session.subscribed.is_set, "reconnect and subscription")
+        publish(broker, certs, f"{prefix}/a", [b"after"])
+        inbox.wait_for(b"after")
+        assert session.reconnects == 1
+        assert ("connected", "no_session") in states
+        assert ("disconnected", "connection_lost") in states
+        assert [s for s, _ in states].count("connected") == 2
+    finally:
+        session.stop()
+    assert states[-2:] == [("disconnected", "stopping"), ("stopped", "")]
+
+
+def test_stop_while_connected_is_prompt_and_joins_the_thread(
+    make_options: Callable[..., MqttOptions],
+    sessions: Callable[..., MqttSession],
+) -> None:
+    session = sessions(make_options(), Inbox())
+    session.wait_first_connection(DEADLINE_S)
+    started = time.monotonic()
+    session.stop()
+    assert time.monotonic() - started < 1.0  # woken through paho's socket pair, not a timeout
+    assert not session.connected.is_set()
+    assert session._thread is not None
+    assert not session._thread.is_alive()
+
+
+def test_tls12_probe_names_why_the_broker_hangs_up(
+    make_options: Callable[..., MqttOptions], certs: CertBundle
+) -> None:
+    # Used when a TLS 1.3 rejection reaches paho as a bare EOF, with no alert to classify.
+    assert probe_tls12(make_options()) is None
+    foreign = probe_tls12(
+        make_options(cert_file=certs.other_client_cert, key_file=certs.other_client_key)
+    )
+    assert isinstance(foreign, CredentialError)
+    assert str(certs.other_client_cert) in str(foreign)
+    expired = probe_tls12(
+        make_options(cert_file=certs.expired_client_cert, key_file=certs.expired_client_key)
+    )
+    assert isinstance(expired, CredentialError)
+    assert "expired" in str(expired)
