@@ -2,7 +2,7 @@
 
 ::
 
-    IngestError                      retriable: bool (class attribute, may be overridden per instance)
+    IngestError                      retriable: bool (per class, may be overridden per instance)
     ├── ConfigError                  invalid settings; names the key and the fix (not retriable)
     ├── CredentialError              certificate / key problems found by ``check`` or at connect
     ├── SchemaError                  a table schema file is missing or malformed
@@ -11,7 +11,7 @@
     │   └── LogFullError             the log reached its size cap; acks pause (retriable)
     ├── SinkError                    Parquet output could not be committed (retriable: disk, store)
     ├── BrokerError                  MQTT connection or protocol failure (retriable)
-    └── ApiError                     HM REST API answered with an error (status, title, detail, source)
+    └── ApiError                     HM REST API error (status, title, detail, source)
         ├── AuthError                401/403 or a token could not be obtained
         ├── RateLimitedError         429; carries ``retry_after_s``
         └── ServerError              5xx or a connection failure (retriable)

@@ -61,7 +61,9 @@ def arrow_schema(name: str) -> pa.Schema:
         fields.append(
             pa.field(field["name"], _arrow_type(field["type"]), field["nullable"], metadata)
         )
-    return pa.schema(fields, metadata={"table": definition["table"], "version": str(definition["version"])})
+    return pa.schema(
+        fields, metadata={"table": definition["table"], "version": str(definition["version"])}
+    )
 
 
 @functools.cache

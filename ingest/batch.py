@@ -1,0 +1,107 @@
+"""One pending batch: a contiguous range of log records, decoded and deduplicated, not yet written.
+
+Rows are held as Arrow record batches rather than Python tuples once a chunk fills up: a decoded
+row as a tuple of Python objects costs about a kilobyte, the same row in Arrow a few dozen bytes,
+and a batch may hold a quarter of a million rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from ingest.decode import Decoded
+from ingest.schemas import REJECTED, TELEMETRY, arrow_schema
+from ingest.wal import LogRecord
+
+# Rows per Arrow chunk: big enough that pa.array's per-call overhead vanishes, small enough that
+# the Python tuples waiting for conversion stay a few megabytes.
+CHUNK_ROWS = 8192
+
+
+def dedupe_key(decoded: Decoded, record: LogRecord) -> str:
+    """HM's message_id; a payload with none (it is quarantined) is keyed by its content."""
+    if decoded.message_id:
+        return decoded.message_id
+    digest = hashlib.blake2b(record.topic.encode() + b"\0" + record.payload, digest_size=16)
+    return "content:" + digest.hexdigest()
+
+
+class _ChunkedTable:
+    def __init__(self, schema: pa.Schema) -> None:
+        self.schema = schema
+        self.batches: list[pa.RecordBatch] = []
+        self.pending: list[tuple[Any, ...]] = []
+        self.rows = 0
+
+    def extend(self, rows: list[tuple[Any, ...]]) -> None:
+        self.pending.extend(rows)
+        self.rows += len(rows)
+        if len(self.pending) >= CHUNK_ROWS:
+            self._seal()
+
+    def append(self, row: tuple[Any, ...]) -> None:
+        self.pending.append(row)
+        self.rows += 1
+
+    def _seal(self) -> None:
+        if not self.pending:
+            return
+        columns = list(zip(*self.pending, strict=True))
+        arrays = [
+            pa.array(values, type=field.type)
+            for values, field in zip(columns, self.schema, strict=True)
+        ]
+        self.batches.append(pa.RecordBatch.from_arrays(arrays, schema=self.schema))
+        self.pending = []
+
+    def table(self) -> pa.Table:
+        self._seal()
+        return pa.Table.from_batches(self.batches, schema=self.schema)
+
+
+@dataclass
+class PendingBatch:
+    """Records ``first_lsn..last_lsn`` (contiguous), with everything the commit needs."""
+
+    first_lsn: int
+    last_lsn: int = 0
+    opened_at: float = field(default_factory=time.monotonic)
+    oldest_received_us: int = 0
+    payload_bytes: int = 0
+    duplicates: int = 0
+    unknown_properties: int = 0
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    seen: dict[str, int] = field(default_factory=dict)  # dedupe key → lsn, first occurrence
+    seen_at_us: dict[str, int] = field(default_factory=dict)
+    telemetry: _ChunkedTable = field(default_factory=lambda: _ChunkedTable(arrow_schema(TELEMETRY)))
+    rejected: _ChunkedTable = field(default_factory=lambda: _ChunkedTable(arrow_schema(REJECTED)))
+
+    @property
+    def records(self) -> int:
+        return self.last_lsn - self.first_lsn + 1 if self.last_lsn else 0
+
+    def add_rows(self, decoded: Decoded) -> None:
+        self.telemetry.extend(decoded.rows)
+        self.unknown_properties += decoded.unknown_properties
+
+    def add_rejection(
+        self, record: LogRecord, reason: str, detail: str, message_id: str | None, vin: str | None
+    ) -> None:
+        self.rejected.append(
+            (
+                record.lsn,
+                message_id,
+                vin,
+                record.topic,
+                record.received_at_us,
+                reason,
+                detail,
+                record.payload,
+            )
+        )
+        self.rejected_by_reason[reason] = self.rejected_by_reason.get(reason, 0) + 1

@@ -1,0 +1,256 @@
+"""Settings: one frozen tree, read from a TOML file and overridden by the environment.
+
+Every key ``[section] key`` can be set as ``HM_INGEST_<SECTION>_<KEY>`` (upper case), which is how
+containers configure the daemon. The environment is *passed in* (``load_settings(path, environ)``)
+rather than read globally, so tests hand it a dict.
+
+Invalid settings stop start-up with a :class:`~ingest.errors.ConfigError` whose message names each
+bad key, the environment variable that sets it, what is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+from ingest.errors import ConfigError
+
+ENV_PREFIX = "HM_INGEST_"
+MIB = 1024 * 1024
+
+
+class _Section(BaseModel):
+    # Frozen: settings are a value object handed around, never mutated after start-up.
+    # extra="forbid": a typo in a key is an error, not a silently ignored setting.
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class MqttSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8883, ge=1, le=65535)
+    client_id: str = Field(
+        "hm-fleet-ingest",
+        min_length=1,
+        description="stable across restarts: the broker keys the persistent session by it",
+    )
+    topic: str = "live/level13/{app_id}/#"
+    # validate_default: an empty app_id is only wrong when the topic needs it, so check it always.
+    app_id: str = Field("", validate_default=True)
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    protocol: Literal["3.1.1", "5"] = "3.1.1"
+    keepalive_s: float = Field(30.0, gt=0)
+    session_expiry_s: int = Field(7 * 86400, gt=0)
+    receive_maximum: int = Field(100, ge=1, le=65535)
+    verify_hostname: bool = True
+    reconnect_min_s: float = Field(0.5, gt=0)
+    reconnect_max_s: float = Field(60.0, gt=0)
+    connect_timeout_s: float = Field(30.0, gt=0)
+
+    @property
+    def resolved_topic(self) -> str:
+        return self.topic.format(app_id=self.app_id)
+
+    @field_validator("app_id")
+    @classmethod
+    def _topic_needs_app_id(cls, app_id: str, info: ValidationInfo) -> str:
+        if "{app_id}" in info.data.get("topic", "") and not app_id:
+            raise ValueError(
+                "empty, but the topic uses {app_id}; set it to the application id from HM's console"
+            )
+        return app_id
+
+
+class Durability(StrEnum):
+    FSYNC = "fsync"
+    WRITE = "write"
+
+
+class OutputSettings(_Section):
+    path: Path = Path("./data")
+    flush_rows: int = Field(250_000, ge=1)
+    flush_bytes: int = Field(64 * MIB, ge=1024)
+    flush_age_s: float = Field(60.0, gt=0)
+    compression_level: int = Field(3, ge=1, le=22)
+
+
+class StateSettings(_Section):
+    path: Path = Path("./state")
+    durability: Durability = Durability.FSYNC
+    log_max_bytes: int = Field(
+        512 * MIB,
+        ge=MIB,
+        description="uncommitted log size at which acks pause until the sink catches up",
+    )
+    log_segment_bytes: int = Field(16 * MIB, ge=64 * 1024)
+    dedupe_retention_s: float = Field(7 * 86400.0, gt=0)
+
+
+class IngestSettings(_Section):
+    max_payload_bytes: int = Field(1 * MIB, ge=1024)
+
+
+class MetricsSettings(_Section):
+    listen: str = "0.0.0.0:9464"
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return split_host_port(self.listen, "metrics.listen")
+
+
+class ShutdownSettings(_Section):
+    # Kubernetes' default terminationGracePeriodSeconds is 30 s and Docker's stop timeout 10 s;
+    # deploy/ raises both above this deadline so the drain always finishes before SIGKILL.
+    deadline_s: float = Field(20.0, gt=0)
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["human", "json"] = "human"
+
+
+class ApiSettings(_Section):
+    environment: Literal["production", "sandbox"] = "production"
+    base_url: str | None = None
+    client_id: str = ""
+    client_secret: SecretStr = SecretStr("")
+    private_key_file: Path | None = None
+    auth: Literal["client_credentials", "private_key", "service_account"] = "client_credentials"
+    timeout_s: float = Field(30.0, gt=0)
+
+
+class FleetSettings(_Section):
+    file: Path | None = None
+    prune: bool = False
+    interval_s: float = Field(300.0, gt=0)
+    enabled: bool = False
+
+
+class WebhookSettings(_Section):
+    secret: SecretStr = SecretStr("")
+    max_body_bytes: int = Field(64 * 1024, ge=1024)
+
+
+class Settings(_Section):
+    # validate_default: the mqtt section has required keys even when the file omits the section.
+    mqtt: MqttSettings = Field(default_factory=dict, validate_default=True)
+    output: OutputSettings = Field(default_factory=OutputSettings)
+    state: StateSettings = Field(default_factory=StateSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    fleet: FleetSettings = Field(default_factory=FleetSettings)
+    webhook: WebhookSettings = Field(default_factory=WebhookSettings)
+
+
+def split_host_port(value: str, key: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(
+            f"{key} = {value!r} is not HOST:PORT; write it like '0.0.0.0:9464'", key=key
+        )
+    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 (metrics must be scrapable)
+
+
+def env_name(section: str, key: str) -> str:
+    return f"{ENV_PREFIX}{section.upper()}_{key.upper()}"
+
+
+def _environment_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    overrides: dict[str, dict[str, str]] = {}
+    for section, field in Settings.model_fields.items():
+        section_model = field.annotation
+        assert isinstance(section_model, type)
+        assert issubclass(section_model, BaseModel)
+        for key in section_model.model_fields:
+            value = environ.get(env_name(section, key))
+            if value is not None:
+                overrides.setdefault(section, {})[key] = value
+    unknown = sorted(
+        name
+        for name in environ
+        if name.startswith(ENV_PREFIX)
+        and not any(
+            name == env_name(section, key)
+            for section, field in Settings.model_fields.items()
+            for key in field.annotation.model_fields  # type: ignore[union-attr]
+        )
+    )
+    if unknown:
+        raise ConfigError(
+            f"unknown environment variable {unknown[0]}: no such setting; see the README's "
+            "configuration table for the valid HM_INGEST_<SECTION>_<KEY> names",
+            key=unknown[0],
+        )
+    return overrides
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    location = [str(part) for part in error["loc"]]
+    key = ".".join(location)
+    if len(location) >= 2:
+        variable = env_name(location[0], location[1])
+        where = f"{key} (environment {variable})"
+    else:
+        where = key or "settings"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return f"{where}: unknown setting; remove it or check its spelling against the README"
+    return f"{where}: {message} (got {error.get('input')!r})"
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    """Relative paths in a config file are relative to that file, as users expect."""
+    for section in data.values():
+        if not isinstance(section, dict):
+            continue
+        for key, value in section.items():
+            if (key.endswith("_file") or key == "path") and isinstance(value, str) and value:
+                candidate = Path(value).expanduser()
+                if not candidate.is_absolute():
+                    section[key] = str(base / candidate)
+
+
+def load_settings(path: Path | None, environ: Mapping[str, str]) -> Settings:
+    """Read ``path`` (TOML, optional) and apply ``HM_INGEST_*`` overrides from ``environ``."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(
+                f"config file {path} does not exist; pass an existing --config"
+            ) from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+        _resolve_paths(data, path.resolve().parent)
+    for section, values in _environment_overrides(environ).items():
+        existing = data.setdefault(section, {})
+        if not isinstance(existing, dict):
+            raise ConfigError(f"[{section}] in {path} must be a table", key=section)
+        existing.update(values)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        problems = [_describe(error) for error in exc.errors()]
+        first = exc.errors()[0]["loc"]
+        raise ConfigError(
+            "invalid configuration:\n  " + "\n  ".join(problems),
+            key=".".join(str(part) for part in first),
+        ) from exc

@@ -1,0 +1,205 @@
+"""Checks that catch a broken deployment before it connects: ``hm-ingest check`` and start-up.
+
+Each check yields a :class:`Finding` naming the setting it is about, what was found and, for a
+problem, the fix. ``run`` refuses to start on any error; warnings (a certificate expiring within
+30 days) are logged and ``check`` prints them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
+from ingest.config import Settings, env_name
+
+EXPIRY_WARNING = dt.timedelta(days=30)
+
+
+class Level(StrEnum):
+    OK = "ok"
+    WARN = "warn"
+    ERROR = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    level: Level
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.level.upper():5} {self.key}: {self.message}"
+
+
+def _file_finding(key: str, path: Path | None) -> Finding | None:
+    section, name = key.split(".")
+    if path is None:
+        return Finding(
+            Level.ERROR, key, f"not set; set [{section}] {name} or {env_name(section, name)}"
+        )
+    if not path.is_file():
+        return Finding(Level.ERROR, key, f"{path} does not exist or is not a file")
+    if not os.access(path, os.R_OK):
+        return Finding(Level.ERROR, key, f"{path} is not readable by this user")
+    return None
+
+
+def _load_certs(path: Path) -> list[x509.Certificate]:
+    return x509.load_pem_x509_certificates(path.read_bytes())
+
+
+def _load_key(path: Path) -> PrivateKeyTypes:
+    return serialization.load_pem_private_key(path.read_bytes(), password=None)
+
+
+def check_mqtt_credentials(settings: Settings, now: dt.datetime | None = None) -> Iterator[Finding]:
+    mqtt = settings.mqtt
+    now = now or dt.datetime.now(dt.UTC)
+    missing = [
+        finding
+        for finding in (
+            _file_finding("mqtt.ca_file", mqtt.ca_file),
+            _file_finding("mqtt.cert_file", mqtt.cert_file),
+            _file_finding("mqtt.key_file", mqtt.key_file),
+        )
+        if finding is not None
+    ]
+    if missing:
+        yield from missing
+        return
+    assert mqtt.ca_file is not None
+    assert mqtt.cert_file is not None
+    assert mqtt.key_file is not None
+    try:
+        authorities = _load_certs(mqtt.ca_file)
+    except ValueError as exc:
+        yield Finding(Level.ERROR, "mqtt.ca_file", f"{mqtt.ca_file} is not PEM certificates: {exc}")
+        return
+    try:
+        certificate = _load_certs(mqtt.cert_file)[0]
+    except (ValueError, IndexError) as exc:
+        yield Finding(
+            Level.ERROR, "mqtt.cert_file", f"{mqtt.cert_file} is not a PEM certificate: {exc}"
+        )
+        return
+    try:
+        key = _load_key(mqtt.key_file)
+    except (ValueError, TypeError) as exc:
+        yield Finding(
+            Level.ERROR,
+            "mqtt.key_file",
+            f"{mqtt.key_file} is not an unencrypted PEM private key: {exc}",
+        )
+        return
+    yield Finding(Level.OK, "mqtt.ca_file", f"{len(authorities)} certificate(s) in {mqtt.ca_file}")
+
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    encoding = serialization.Encoding.DER
+    if key.public_key().public_bytes(encoding, public) != certificate.public_key().public_bytes(
+        encoding, public
+    ):
+        yield Finding(
+            Level.ERROR,
+            "mqtt.key_file",
+            f"{mqtt.key_file} does not belong to {mqtt.cert_file}; use the key downloaded "
+            "together with that certificate",
+        )
+    else:
+        yield Finding(Level.OK, "mqtt.key_file", "private key matches the client certificate")
+
+    yield from _expiry(certificate, now, "mqtt.cert_file")
+    for authority in authorities:
+        yield from (f for f in _expiry(authority, now, "mqtt.ca_file") if f.level != Level.OK)
+    yield _chain(certificate, authorities)
+
+
+def _expiry(certificate: x509.Certificate, now: dt.datetime, key: str) -> Iterator[Finding]:
+    subject = certificate.subject.rfc4514_string()
+    if certificate.not_valid_after_utc < now:
+        yield Finding(
+            Level.ERROR,
+            key,
+            f"certificate {subject!r} expired on {certificate.not_valid_after_utc:%Y-%m-%d}; "
+            "download a new one from HM's console",
+        )
+    elif certificate.not_valid_before_utc > now:
+        yield Finding(
+            Level.ERROR,
+            key,
+            f"certificate {subject!r} is not valid before "
+            f"{certificate.not_valid_before_utc:%Y-%m-%d}; check the machine's clock",
+        )
+    elif certificate.not_valid_after_utc - now < EXPIRY_WARNING:
+        days = (certificate.not_valid_after_utc - now).days
+        yield Finding(
+            Level.WARN,
+            key,
+            f"certificate {subject!r} expires in {days} day(s) "
+            f"({certificate.not_valid_after_utc:%Y-%m-%d}); renew it in HM's console",
+        )
+    else:
+        yield Finding(Level.OK, key, f"valid until {certificate.not_valid_after_utc:%Y-%m-%d}")
+
+
+def _chain(certificate: x509.Certificate, authorities: list[x509.Certificate]) -> Finding:
+    for authority in authorities:
+        try:
+            certificate.verify_directly_issued_by(authority)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return Finding(
+            Level.OK, "mqtt.cert_file", f"issued by {authority.subject.rfc4514_string()!r}"
+        )
+    # A warning, not an error: some brokers verify clients with a CA other than the one that
+    # signed their own server certificate, and ca_file only has to hold the latter.
+    return Finding(
+        Level.WARN,
+        "mqtt.cert_file",
+        "not issued by any certificate in mqtt.ca_file; the broker will refuse it unless it "
+        "trusts another CA for clients",
+    )
+
+
+def check_writable(key: str, directory: Path) -> Finding:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".hm-ingest-check-"):
+            pass
+    except OSError as exc:
+        return Finding(
+            Level.ERROR,
+            key,
+            f"{directory} is not writable ({exc.strerror}); mount a writable volume there or "
+            f"set {env_name(*key.split('.'))}",
+        )
+    return Finding(Level.OK, key, f"{directory} is writable")
+
+
+def run_checks(settings: Settings) -> list[Finding]:
+    findings = list(check_mqtt_credentials(settings))
+    findings.append(check_writable("output.path", settings.output.path))
+    findings.append(check_writable("state.path", settings.state.path))
+    if settings.state.log_max_bytes < 2 * settings.state.log_segment_bytes:
+        findings.append(
+            Finding(
+                Level.ERROR,
+                "state.log_max_bytes",
+                "must be at least twice state.log_segment_bytes: the active segment is never "
+                "released, so a smaller cap would pause acknowledgements forever",
+            )
+        )
+    return findings
+
+
+def errors(findings: list[Finding]) -> list[Finding]:
+    return [f for f in findings if f.level == Level.ERROR]

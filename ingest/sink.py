@@ -1,0 +1,293 @@
+"""Sink: logged records → decoded, deduplicated rows → Parquet, then the log is released.
+
+Commit protocol for one batch of records ``[first, last]`` (see :mod:`ingest.checkpoint`)::
+
+    checkpoint.begin(first, last)      intent is durable before any file exists
+    write telemetry/ and rejected/     files named part-<first>-<last>.parquet, tmp+fsync+rename
+    dedupe.record(keys)                message ids remembered with the lsn that first wrote them
+    checkpoint.commit(last)            the batch is done
+    wal.release_through(last)          segments wholly at or below ``last`` are deleted
+
+A crash anywhere in there leaves either no intent (nothing was written: replay batches freely) or
+an intent, which start-up replays as exactly the same range; the replay first removes whatever
+files the interrupted attempt left and then writes the same names again. Dedupe decisions depend
+only on keys seen at *smaller* lsns, so a replay decides exactly as the first attempt did.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ingest.batch import PendingBatch, dedupe_key
+from ingest.checkpoint import Checkpoint, CheckpointStore
+from ingest.decode import Decoder
+from ingest.dedupe import DedupeIndex
+from ingest.errors import SinkError
+from ingest.metrics import Metrics
+from ingest.parquet import PartitionedWriter, WrittenFile, part_file_name
+from ingest.wal import LogRecord, WriteAheadLog
+
+log = logging.getLogger("ingest.sink")
+
+POLL_S = 0.1
+# Records decoded per dedupe-index lookup during replay (live traffic arrives in intake's groups).
+REPLAY_CHUNK = 4096
+FLUSH_RETRY_MAX_S = 30.0
+REJECTED_NOT_CLEARED = "not_cleared"
+
+# Returns a human-readable refusal when rows for this VIN must not enter telemetry/, else None.
+ClearanceGate = Callable[[str], str | None]
+
+
+@dataclass(frozen=True, slots=True)
+class FlushPolicy:
+    max_rows: int
+    max_bytes: int
+    max_age_s: float
+
+
+class Sink:
+    """Runs on its own thread; the intake thread feeds it through :meth:`submit`."""
+
+    def __init__(
+        self,
+        *,
+        wal: WriteAheadLog,
+        checkpoints: CheckpointStore,
+        dedupe: DedupeIndex,
+        telemetry: PartitionedWriter,
+        rejected: PartitionedWriter,
+        decoder: Decoder,
+        policy: FlushPolicy,
+        metrics: Metrics,
+        gate: ClearanceGate | None = None,
+    ) -> None:
+        self._wal = wal
+        self._checkpoints = checkpoints
+        self._dedupe = dedupe
+        self._telemetry = telemetry
+        self._rejected = rejected
+        self._decoder = decoder
+        self._policy = policy
+        self._metrics = metrics
+        self._gate = gate
+        self._queue: queue.SimpleQueue[list[LogRecord]] = queue.SimpleQueue()
+        self._batch: PendingBatch | None = None
+        self.committed_lsn = 0
+        self.heartbeat = time.monotonic()
+        self.last_error: str | None = None
+
+    def set_gate(self, gate: ClearanceGate | None) -> None:
+        self._gate = gate
+
+    # -- start-up ---------------------------------------------------------------------------------
+    def replay(self, checkpoint: Checkpoint) -> int:
+        """Re-process every logged record after the checkpoint, before live traffic starts.
+
+        A pending intent is replayed as exactly its range and committed; later records start the
+        next batch, which then continues with live traffic. Returns the number of records replayed.
+        """
+        self.committed_lsn = checkpoint.committed_lsn
+        for root_writer in (self._telemetry, self._rejected):
+            removed = root_writer.remove_temporaries()
+            if removed:
+                log.info("removed %d temporary file(s) left by an interrupted write", removed)
+        replayed = 0
+        pending = checkpoint.pending
+        chunk: list[LogRecord] = []
+        for record in self._wal.read_from(checkpoint.committed_lsn + 1):
+            chunk.append(record)
+            replayed += 1
+            if pending is not None and record.lsn == pending.last_lsn:
+                self._add_chunk(chunk)
+                chunk = []
+                self._flush_until_done(replaying_intent=True, stop=None)
+                pending = None
+            elif len(chunk) >= REPLAY_CHUNK:
+                self._add_chunk(chunk)
+                chunk = []
+                if pending is None and self._due():
+                    self._flush_until_done(replaying_intent=False, stop=None)
+        self._add_chunk(chunk)
+        if pending is not None:
+            raise SinkError(
+                f"checkpoint names a pending batch {pending.first_lsn}..{pending.last_lsn} but the "
+                f"log ends before it; the log folder was truncated or replaced",
+                retriable=False,
+            )
+        self._metrics.replayed.inc(replayed)
+        if replayed:
+            log.info("replayed %d logged record(s) after lsn %d", replayed, self.committed_lsn)
+        return replayed
+
+    # -- intake thread ----------------------------------------------------------------------------
+    def submit(self, records: list[LogRecord]) -> None:
+        self._queue.put(records)
+
+    # -- sink thread ------------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        """Decode and commit until ``stop`` is set, then drain the queue and commit the rest."""
+        while True:
+            self.heartbeat = time.monotonic()
+            try:
+                records = self._queue.get(timeout=POLL_S)
+            except queue.Empty:
+                if stop.is_set():
+                    self._flush_until_done(replaying_intent=False, stop=None)
+                    return
+                records = []
+            self._add_chunk(records)
+            if self._due():
+                self._flush_until_done(replaying_intent=False, stop=stop)
+            self._publish_age()
+
+    def _due(self) -> bool:
+        batch = self._batch
+        if batch is None:
+            return False
+        policy = self._policy
+        return (
+            batch.telemetry.rows >= policy.max_rows
+            or batch.payload_bytes >= policy.max_bytes
+            or time.monotonic() - batch.opened_at >= policy.max_age_s
+        )
+
+    def _publish_age(self) -> None:
+        batch = self._batch
+        age = 0.0
+        if batch is not None:
+            age = max(0.0, time.time() - batch.oldest_received_us / 1e6)
+        self._metrics.log_oldest_uncommitted_age.set(age)
+
+    def _add_chunk(self, records: list[LogRecord]) -> None:
+        """Decode ``records`` and add them to the pending batch, dropping repeated messages.
+
+        A message is a repeat when its key was seen at a smaller lsn: earlier in this batch, or in
+        an earlier committed batch (the dedupe index, asked once per chunk).
+        """
+        if not records:
+            return
+        decode = self._decoder.decode
+        decoded = [decode(r.topic, r.payload, r.received_at_us) for r in records]
+        keys = [dedupe_key(d, r) for d, r in zip(decoded, records, strict=True)]
+        repeats = self._dedupe.duplicates(list(zip(keys, (r.lsn for r in records), strict=True)))
+        for record, message, key in zip(records, decoded, keys, strict=True):
+            batch = self._open_batch(record)
+            if record.lsn in repeats or key in batch.seen:
+                batch.duplicates += 1
+                continue
+            batch.seen[key] = record.lsn
+            batch.seen_at_us[key] = record.received_at_us
+            if message.rejection is not None:
+                rejection = message.rejection
+                batch.add_rejection(
+                    record, rejection.reason, rejection.detail, rejection.message_id, rejection.vin
+                )
+                continue
+            refusal = self._gate(message.vin) if self._gate is not None and message.vin else None
+            if refusal is not None:
+                batch.add_rejection(
+                    record, REJECTED_NOT_CLEARED, refusal, message.message_id, message.vin
+                )
+                continue
+            batch.add_rows(message)
+
+    def _open_batch(self, record: LogRecord) -> PendingBatch:
+        """The batch ``record`` extends (a new one when none is open), checking contiguity."""
+        batch = self._batch
+        if batch is None:
+            batch = self._batch = PendingBatch(
+                first_lsn=record.lsn, oldest_received_us=record.received_at_us
+            )
+        elif record.lsn != batch.last_lsn + 1:
+            raise SinkError(
+                f"log records out of order: lsn {record.lsn} after {batch.last_lsn}",
+                retriable=False,
+            )
+        batch.last_lsn = record.lsn
+        batch.payload_bytes += len(record.payload)
+        return batch
+
+    def _flush_until_done(self, *, replaying_intent: bool, stop: threading.Event | None) -> None:
+        """Commit the pending batch, retrying with backoff while the output cannot be written."""
+        batch = self._batch
+        if batch is None:
+            return
+        retry_s = 1.0
+        while True:
+            try:
+                self._commit(batch, replaying_intent=replaying_intent)
+            except SinkError as exc:
+                if not exc.retriable:
+                    raise
+                self.last_error = str(exc)
+                self._metrics.flush_failures.inc()
+                log.warning(
+                    "flush of lsn %d..%d failed, retrying in %.1f s: %s",
+                    batch.first_lsn,
+                    batch.last_lsn,
+                    retry_s,
+                    exc,
+                )
+                self.heartbeat = time.monotonic()
+                if stop is not None and stop.wait(retry_s):
+                    # Shutting down with the output unwritable: the records stay in the log and
+                    # are replayed at the next start; nothing was acknowledged that is not logged.
+                    return
+                if stop is None:
+                    time.sleep(retry_s)
+                retry_s = min(retry_s * 2, FLUSH_RETRY_MAX_S)
+                continue
+            self.last_error = None
+            self._batch = None
+            return
+
+    def _commit(self, batch: PendingBatch, *, replaying_intent: bool) -> None:
+        started = time.perf_counter()
+        first, last = batch.first_lsn, batch.last_lsn
+        self._checkpoints.begin(first, last)
+        if replaying_intent:
+            self._remove_range(first, last)
+        written = self._telemetry.write(
+            batch.telemetry.table(),
+            first_lsn=first,
+            last_lsn=last,
+            date_column="timestamp",
+            fallback_date_column="received_at",
+        )
+        written += self._rejected.write(
+            batch.rejected.table(), first_lsn=first, last_lsn=last, date_column="received_at"
+        )
+        self._dedupe.record([(key, lsn, batch.seen_at_us[key]) for key, lsn in batch.seen.items()])
+        self._checkpoints.commit(last)
+        self.committed_lsn = last
+        self._wal.release_through(last)
+        self._account(batch, written)
+        self._metrics.flush_duration.observe(time.perf_counter() - started)
+
+    def _remove_range(self, first: int, last: int) -> None:
+        """Delete the files an interrupted attempt at this exact range may have left."""
+        name = part_file_name(first, last)
+        for writer in (self._telemetry, self._rejected):
+            for path in (writer.root / writer.table).glob(f"*/{name}"):
+                path.unlink()
+
+    def _account(self, batch: PendingBatch, written: list[WrittenFile]) -> None:
+        metrics = self._metrics
+        for file in written:
+            table = file.path.parent.parent.name
+            metrics.rows_written.labels(table).inc(file.rows)
+            metrics.files_committed.labels(table).inc()
+            metrics.bytes_written.labels(table).inc(file.bytes)
+        for reason, count in batch.rejected_by_reason.items():
+            metrics.messages_rejected.labels(reason).inc(count)
+        metrics.duplicates.inc(batch.duplicates)
+        metrics.unknown_properties.inc(batch.unknown_properties)
+        metrics.last_commit_time.set(time.time())
+        metrics.log_bytes.set(self._wal.size_bytes)
+        metrics.log_segments.set(self._wal.segment_count)
