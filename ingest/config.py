@@ -14,7 +14,7 @@ import tomllib
 from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -161,7 +161,15 @@ class Settings(_Section):
 
 def split_host_port(value: str, key: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    # isascii: str.isdigit() accepts other scripts' digits ("٣"), which int() then silently reads.
+    # An unbracketed host with a colon is an IPv6 address missing its brackets ("::1" would
+    # otherwise read as host ":" port 1).
+    if (
+        not sep
+        or not (port.isascii() and port.isdigit())
+        or not 0 <= int(port) <= 65535
+        or (":" in host and not (host.startswith("[") and host.endswith("]")))
+    ):
         raise ConfigError(
             f"{key} = {value!r} is not HOST:PORT; write it like '0.0.0.0:9464'", key=key
         )
@@ -212,19 +220,47 @@ def _describe(error: Mapping[str, Any]) -> str:
     message = str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         return f"{where}: unknown setting; remove it or check its spelling against the README"
+    if _is_secret(location):
+        # Echoing the input would print the secret (e.g. a numeric client_secret) to stderr.
+        return f"{where}: {message} (value hidden)"
     return f"{where}: {message} (got {error.get('input')!r})"
+
+
+def _is_secret(location: list[str]) -> bool:
+    section = Settings.model_fields.get(location[0]) if location else None
+    model = section.annotation if section is not None else None
+    if len(location) < 2 or not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return False
+    field = model.model_fields.get(location[1])
+    return field is not None and field.annotation is SecretStr
+
+
+def _path_keys() -> frozenset[tuple[str, str]]:
+    # Chosen by type, not by name: a name rule ("*_file" or "path") missed fleet.file.
+    keys: set[tuple[str, str]] = set()
+    for section, field in Settings.model_fields.items():
+        model = field.annotation
+        assert isinstance(model, type)
+        assert issubclass(model, BaseModel)
+        for key, setting in model.model_fields.items():
+            if setting.annotation is Path or Path in get_args(setting.annotation):
+                keys.add((section, key))
+    return frozenset(keys)
+
+
+_PATH_KEYS = _path_keys()
 
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> None:
     """Relative paths in a config file are relative to that file, as users expect."""
-    for section in data.values():
+    for name, section in data.items():
         if not isinstance(section, dict):
             continue
         for key, value in section.items():
-            if (key.endswith("_file") or key == "path") and isinstance(value, str) and value:
+            if (name, key) in _PATH_KEYS and isinstance(value, str) and value:
                 candidate = Path(value).expanduser()
-                if not candidate.is_absolute():
-                    section[key] = str(base / candidate)
+                # Store the expanded path too: pydantic does not expand "~" itself.
+                section[key] = str(candidate if candidate.is_absolute() else base / candidate)
 
 
 def load_settings(path: Path | None, environ: Mapping[str, str]) -> Settings:

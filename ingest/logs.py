@@ -37,7 +37,18 @@ class RedactingFilter(logging.Filter):
         cleaned = redact(message)
         if cleaned != message:
             record.msg, record.args = cleaned, None
+        # Exception text too: logging.Formatter appends record.exc_text verbatim, so without this
+        # a token in an exception message reaches the human format unmasked.
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _PLAIN.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
         return True
+
+
+_PLAIN = logging.Formatter()
 
 
 class JsonFormatter(logging.Formatter):

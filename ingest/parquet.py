@@ -19,6 +19,7 @@ The work here blocks (encoding, fsync); callers on the event loop run it in a th
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -220,7 +221,10 @@ class PartitionedWriter:
             os.replace(temp, path)
             _fsync_path(path.parent)
         except OSError as exc:
-            temp.unlink(missing_ok=True)
+            # The folder itself may be what is broken (gone, a file, read-only): the temporary
+            # file is then not there to remove, or cannot be; remove_temporaries() retries later.
+            with contextlib.suppress(OSError):
+                temp.unlink(missing_ok=True)
             raise _sink_error("could not write Parquet file", path, exc) from exc
         return WrittenFile(path=path, rows=rows.num_rows, bytes=size, partition=partition)
 

@@ -47,10 +47,11 @@ def _file_finding(key: str, path: Path | None) -> Finding | None:
         return Finding(
             Level.ERROR, key, f"not set; set [{section}] {name} or {env_name(section, name)}"
         )
+    fix = f"fix [{section}] {name} or {env_name(section, name)}"
     if not path.is_file():
-        return Finding(Level.ERROR, key, f"{path} does not exist or is not a file")
+        return Finding(Level.ERROR, key, f"{path} does not exist or is not a file; {fix}")
     if not os.access(path, os.R_OK):
-        return Finding(Level.ERROR, key, f"{path} is not readable by this user")
+        return Finding(Level.ERROR, key, f"{path} is not readable by this user; {fix}")
     return None
 
 
