@@ -1,0 +1,262 @@
+"""Print the README's configuration table: every setting of ``ingest.config.Settings``.
+
+Usage (from the repository root, with the project installed)::
+
+    python tools/gen_config_table.py > /tmp/config-table.md
+
+Sections, keys, environment variables, defaults and allowed values come from the settings models
+themselves; the meaning of each key comes from the field's ``description`` when it has one, else
+from :data:`MEANINGS` below. The script fails (exit 1) when a setting has no meaning or a meaning
+names a setting that no longer exists, so the table cannot silently fall behind the code.
+"""
+
+from __future__ import annotations
+
+import sys
+import typing
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import annotated_types
+from pydantic import BaseModel, SecretStr
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
+
+from ingest.config import Settings, env_name
+
+MIB = 1024 * 1024
+KIB = 1024
+DAY_S = 86400
+
+# Meanings of keys whose Field has no description. Keep them to what the code does.
+MEANINGS: dict[str, str] = {
+    "mqtt.host": "MQTT broker host name or address.",
+    "mqtt.port": "MQTT broker port (mutual TLS).",
+    "mqtt.topic": (
+        "Topic filter subscribed with QoS 1; `{app_id}` is replaced by `mqtt.app_id`. "
+        "The default covers HM's V1 per-property topics; V2 messages arrive on "
+        "`live/level13/<app_id>`, which `#` also matches."
+    ),
+    "mqtt.app_id": (
+        "HM application id. Required while `mqtt.topic` contains `{app_id}`; when set, messages "
+        "on another application's topics are rejected (`app_mismatch`)."
+    ),
+    "mqtt.ca_file": (
+        "CA certificate(s) that signed the broker's certificate (PEM). Required to start."
+    ),
+    "mqtt.cert_file": "Client certificate (PEM) presented to the broker. Required to start.",
+    "mqtt.key_file": ("Unencrypted PEM private key of `mqtt.cert_file`. Required to start."),
+    "mqtt.protocol": (
+        "MQTT protocol version. 3.1.1 keeps the session with clean session off; 5 uses "
+        "clean start off plus `session_expiry_s` and `receive_maximum`."
+    ),
+    "mqtt.keepalive_s": "MQTT keep-alive interval, rounded up to whole seconds.",
+    "mqtt.session_expiry_s": (
+        "MQTT 5 only: how long the broker keeps the session (and queues messages) while the "
+        "daemon is disconnected."
+    ),
+    "mqtt.receive_maximum": (
+        "MQTT 5 only: Receive Maximum sent in CONNECT, the number of unacknowledged QoS 1 "
+        "messages the broker may have in flight to the daemon (overrides the broker's "
+        "`max_inflight_messages`)."
+    ),
+    "mqtt.verify_hostname": (
+        "Check that the broker's certificate names `mqtt.host`. Turn off only for test brokers."
+    ),
+    "mqtt.reconnect_min_s": (
+        "Reconnect backoff base: after the n-th consecutive failure (n from 0) the daemon waits a "
+        "random 0 to min(`reconnect_max_s`, `reconnect_min_s` * 2^n) seconds."
+    ),
+    "mqtt.reconnect_max_s": "Cap of the reconnect backoff.",
+    "mqtt.connect_timeout_s": (
+        "At start-up, how long to wait for the first connection and subscription before "
+        "giving up (exit 1)."
+    ),
+    "output.path": (
+        "Root of the Parquet output: `telemetry/` and `rejected/` are created under it."
+    ),
+    "output.flush_rows": "Commit the pending batch once it holds this many telemetry rows.",
+    "output.flush_bytes": (
+        "Commit the pending batch once its raw MQTT payloads add up to this many bytes."
+    ),
+    "output.flush_age_s": "Commit the pending batch once it has been open this long.",
+    "output.compression_level": "Compression level of the Parquet files (zstd).",
+    "state.path": (
+        "Folder of the daemon's state: write-ahead log (`log/`), `checkpoint.json`, "
+        "`dedupe.sqlite3`. Must survive restarts."
+    ),
+    "state.durability": (
+        "`fsync`: every logged group is fsynced before its PUBACKs; `write`: written to the "
+        "page cache only (survives a process crash, not a power loss). See Durability modes."
+    ),
+    "state.log_segment_bytes": (
+        "Size at which the write-ahead log starts a new segment file. Segments are deleted once "
+        "all their records are committed; `state.log_max_bytes` must be at least twice this."
+    ),
+    "state.dedupe_retention_s": (
+        "Intended age after which message ids are forgotten by the dedupe index. Note: this "
+        "version never prunes the index, so ids are currently kept indefinitely."
+    ),
+    "ingest.max_payload_bytes": (
+        "Payloads longer than this are not parsed but quarantined (`payload_too_large`)."
+    ),
+    "metrics.listen": "HOST:PORT of the HTTP server for `/metrics`, `/healthz` and `/readyz`.",
+    "shutdown.deadline_s": (
+        "On SIGTERM/SIGINT, the time allowed to log, acknowledge and commit what is held; "
+        "past it the process exits with code 1 and the rest is replayed at the next start."
+    ),
+    "logging.level": "Log level (`--log-level` overrides it).",
+    "logging.format": (
+        "`human` for terminals, `json` for one JSON object per line (`--log-format` overrides it)."
+    ),
+    "api.environment": "HM REST environment. Reserved: not used by `hm-ingest run` yet.",
+    "api.base_url": (
+        "HM REST base URL including `/v1` (overrides `api.environment`, e.g. for the emulator). "
+        "Reserved: not used by `hm-ingest run` yet."
+    ),
+    "api.client_id": (
+        "OAuth client id for HM's REST API. Reserved: not used by `hm-ingest run` yet."
+    ),
+    "api.client_secret": (
+        "OAuth client secret (kept as a secret, never logged). Reserved: not used by "
+        "`hm-ingest run` yet."
+    ),
+    "api.private_key_file": (
+        "EC P-256 key for the `private_key` / `service_account` flows (PEM, or the JSON file "
+        "HM's console downloads). Reserved: not used by `hm-ingest run` yet."
+    ),
+    "api.auth": "How to obtain HM API tokens. Reserved: not used by `hm-ingest run` yet.",
+    "api.timeout_s": "HM REST request timeout. Reserved: not used by `hm-ingest run` yet.",
+    "fleet.file": "Fleet clearance list. Reserved: not used by `hm-ingest run` yet.",
+    "fleet.prune": "Reserved: not used by `hm-ingest run` yet.",
+    "fleet.interval_s": (
+        "Clearance reconcile interval. Reserved: not used by `hm-ingest run` yet."
+    ),
+    "fleet.enabled": (
+        "Fleet clearance control loop on/off. Reserved: not used by `hm-ingest run` yet."
+    ),
+    "webhook.secret": (
+        "HMAC secret of HM's webhook signatures. Reserved: not used by `hm-ingest run` yet "
+        "(no `/webhook` route is served)."
+    ),
+    "webhook.max_body_bytes": "Largest webhook body accepted. Reserved: not used yet.",
+}
+
+
+def _sections() -> list[tuple[str, type[BaseModel]]]:
+    sections = []
+    for name, field in Settings.model_fields.items():
+        model = field.annotation
+        assert isinstance(model, type)
+        assert issubclass(model, BaseModel)
+        sections.append((name, model))
+    return sections
+
+
+def _size(value: int) -> str:
+    if value >= MIB and value % MIB == 0:
+        return f"{value // MIB} MiB"
+    if value >= KIB and value % KIB == 0:
+        return f"{value // KIB} KiB"
+    return f"{value} B"
+
+
+def _default(key: str, field: FieldInfo) -> str:
+    value: Any = field.default
+    if value is PydanticUndefined:
+        return "(required)"
+    if value is None:
+        return "(unset)"
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if isinstance(value, Enum):
+        value = value.value
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, Path):
+        return f"`{value.as_posix() if value.is_absolute() else './' + value.as_posix()}`"
+    if isinstance(value, str):
+        return f'`"{value}"`' if value else '`""`'
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = f"`{value}`"
+    if key.endswith("_bytes") and isinstance(value, int) and value >= KIB:
+        text += f" ({_size(value)})"
+    elif key.endswith("_s") and isinstance(value, int) and value >= DAY_S and value % DAY_S == 0:
+        text += f" ({value // DAY_S} days)"
+    return text
+
+
+_BOUNDS: tuple[tuple[type[Any], str, str], ...] = (
+    (annotated_types.Ge, "ge", "≥"),
+    (annotated_types.Gt, "gt", ">"),
+    (annotated_types.Le, "le", "≤"),
+    (annotated_types.Lt, "lt", "<"),
+)
+
+
+def _allowed(key: str, field: FieldInfo) -> str:
+    """Allowed values: the choices of a Literal or Enum, or the numeric bounds."""
+    annotation = field.annotation
+    if typing.get_origin(annotation) is typing.Literal:
+        return "One of " + ", ".join(f"`{choice}`" for choice in typing.get_args(annotation)) + "."
+    if isinstance(annotation, type) and issubclass(annotation, Enum):
+        return "One of " + ", ".join(f"`{member.value}`" for member in annotation) + "."
+    bounds = []
+    for item in field.metadata:
+        for kind, attribute, symbol in _BOUNDS:
+            if isinstance(item, kind):
+                bound = getattr(item, attribute)
+                big = key.endswith("_bytes") and bound >= KIB
+                bounds.append(f"{symbol} {_size(bound) if big else f'{bound:g}'}")
+        if isinstance(item, annotated_types.MinLen) and item.min_length > 0:
+            bounds.append("non-empty")
+    return ("Must be " + ", ".join(bounds) + ".") if bounds else ""
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def table() -> str:
+    """The Markdown table, or raise SystemExit naming keys whose meaning is missing or stale."""
+    rows = [
+        "| Section | Key | Environment variable | Default | Meaning |",
+        "|---|---|---|---|---|",
+    ]
+    seen: set[str] = set()
+    missing: list[str] = []
+    for section, model in _sections():
+        for key, field in model.model_fields.items():
+            dotted = f"{section}.{key}"
+            seen.add(dotted)
+            meaning = field.description or MEANINGS.get(dotted)
+            if meaning is None:
+                missing.append(dotted)
+                continue
+            meaning = meaning[0].upper() + meaning[1:]
+            if not meaning.endswith("."):
+                meaning += "."
+            allowed = _allowed(key, field)
+            if allowed:
+                meaning += " " + allowed
+            rows.append(
+                f"| `[{section}]` | `{key}` | `{env_name(section, key)}` | "
+                f"{_cell(_default(key, field))} | {_cell(meaning)} |"
+            )
+    stale = sorted(set(MEANINGS) - seen)
+    if missing or stale:
+        problems = [f"no meaning for {key}: add it to MEANINGS" for key in missing]
+        problems += [f"MEANINGS names {key}, which is not a setting: remove it" for key in stale]
+        raise SystemExit("gen_config_table: " + "; ".join(problems))
+    return "\n".join(rows)
+
+
+def main() -> int:
+    sys.stdout.write(table() + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
