@@ -37,6 +37,8 @@ log = logging.getLogger("ingest.sink")
 POLL_S = 0.1
 # Records decoded per dedupe-index lookup during replay (live traffic arrives in intake's groups).
 REPLAY_CHUNK = 4096
+# The index holds days of ids; pruning it hourly keeps it bounded at negligible cost.
+PRUNE_EVERY_S = 3600.0
 FLUSH_RETRY_MAX_S = 30.0
 REJECTED_NOT_CLEARED = "not_cleared"
 
@@ -81,6 +83,7 @@ class Sink:
         self.committed_lsn = 0
         self.heartbeat = time.monotonic()
         self.last_error: str | None = None
+        self._last_prune = 0.0
 
     def set_gate(self, gate: ClearanceGate | None) -> None:
         self._gate = gate
@@ -266,9 +269,24 @@ class Sink:
         self._dedupe.record([(key, lsn, batch.seen_at_us[key]) for key, lsn in batch.seen.items()])
         self._checkpoints.commit(last)
         self.committed_lsn = last
+        self._prune_dedupe_index()
         self._wal.release_through(last)
         self._account(batch, written)
         self._metrics.flush_duration.observe(time.perf_counter() - started)
+
+    def _prune_dedupe_index(self) -> None:
+        """Forget message ids past the retention, at most every PRUNE_EVERY_S.
+
+        Only here, right after a commit: pruning while an intent is pending could change the
+        decisions its replay makes (see :mod:`ingest.dedupe`).
+        """
+        now = time.monotonic()
+        if now - self._last_prune < PRUNE_EVERY_S:
+            return
+        self._last_prune = now
+        removed = self._dedupe.prune(time.time_ns() // 1000)
+        if removed:
+            log.info("dedupe index: forgot %d message id(s) past retention", removed)
 
     def _remove_range(self, first: int, last: int) -> None:
         """Delete the files an interrupted attempt at this exact range may have left."""
