@@ -29,7 +29,7 @@ help:
 	@echo "make lint       ruff check . && ruff format --check ."
 	@echo "make types      mypy (strict, on the ingest package)"
 	@echo "make test       python -m pytest -q"
-	@echo "make bench      decoder, write-ahead log and dedupe index benchmarks (prints figures)"
+	@echo "make bench      drain, decoder, write-ahead log and dedupe index benchmarks (prints figures)"
 
 # Installs Mosquitto with apt-get when it is missing and we are root; otherwise says how to.
 mosquitto:
@@ -80,7 +80,8 @@ run-local: install
 	fi
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/run-local.sh
 
-bench: $(STAMP)
+bench: $(STAMP) | mosquitto
+	$(BIN)/python bench/drain_bench.py
 	$(BIN)/python -m bench.decode_bench
 	$(BIN)/python bench/wal_bench.py
 	$(BIN)/python bench/dedupe_bench.py

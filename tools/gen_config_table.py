@@ -5,8 +5,8 @@ Usage (from the repository root, with the project installed)::
     python tools/gen_config_table.py > /tmp/config-table.md
 
 Sections, keys, environment variables, defaults and allowed values come from the settings models
-themselves; the meaning of each key comes from the field's ``description`` when it has one, else
-from :data:`MEANINGS` below. The script fails (exit 1) when a setting has no meaning or a meaning
+themselves; the meaning of each key comes from :data:`MEANINGS` below, else from the field's
+``description``. The script fails (exit 1) when a setting has no meaning or a meaning
 names a setting that no longer exists, so the table cannot silently fall behind the code.
 """
 
@@ -33,6 +33,10 @@ DAY_S = 86400
 MEANINGS: dict[str, str] = {
     "mqtt.host": "MQTT broker host name or address.",
     "mqtt.port": "MQTT broker port (mutual TLS).",
+    "mqtt.client_id": (
+        "MQTT client id (the `<client-id>` of HM's console files). Keep it stable across "
+        "restarts: the broker keys the persistent session by it."
+    ),
     "mqtt.topic": (
         "Topic filter subscribed with QoS 1; `{app_id}` is replaced by `mqtt.app_id`. "
         "The default covers HM's V1 per-property topics; V2 messages arrive on "
@@ -66,7 +70,7 @@ MEANINGS: dict[str, str] = {
     ),
     "mqtt.reconnect_min_s": (
         "Reconnect backoff base: after the n-th consecutive failure (n from 0) the daemon waits a "
-        "random 0 to min(`reconnect_max_s`, `reconnect_min_s` * 2^n) seconds."
+        "random 0 to min(`reconnect_max_s`, `reconnect_min_s * 2^n`) seconds."
     ),
     "mqtt.reconnect_max_s": "Cap of the reconnect backoff.",
     "mqtt.connect_timeout_s": (
@@ -95,8 +99,8 @@ MEANINGS: dict[str, str] = {
         "all their records are committed; `state.log_max_bytes` must be at least twice this."
     ),
     "state.dedupe_retention_s": (
-        "Intended age after which message ids are forgotten by the dedupe index. Note: this "
-        "version never prunes the index, so ids are currently kept indefinitely."
+        "How long message ids stay in the dedupe index; older ones are pruned (at most hourly, "
+        "after a commit), and a message redelivered later than that is written again."
     ),
     "ingest.max_payload_bytes": (
         "Payloads longer than this are not parsed but quarantined (`payload_too_large`)."
@@ -231,7 +235,7 @@ def table() -> str:
         for key, field in model.model_fields.items():
             dotted = f"{section}.{key}"
             seen.add(dotted)
-            meaning = field.description or MEANINGS.get(dotted)
+            meaning = MEANINGS.get(dotted) or field.description
             if meaning is None:
                 missing.append(dotted)
                 continue
