@@ -22,7 +22,6 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
@@ -140,7 +139,6 @@ class Daemon:
         self.shutdown = shutdown or asyncio.Event()
         self.http_port: int | None = None
         self.started = asyncio.Event()
-        self._extra_tasks: list[tuple[str, Callable[[], asyncio.Future[None] | object]]] = []
 
     async def run(self) -> int:
         settings = self.settings
