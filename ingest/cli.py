@@ -124,13 +124,36 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(main())
 
 
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
+
+
+def _run_handler(args: argparse.Namespace) -> int:
+    """The daemon's tasks fail inside a TaskGroup; surface the cause so main() reports it plainly.
+
+    A known failure (an IngestError) then prints as one clear line with exit 1 instead of an
+    ExceptionGroup traceback; anything else (a bug) still propagates with its traceback.
+    """
+    try:
+        code: int = args.handler(args)
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        for extra in leaves[1:]:
+            log.error("also failed: %s", extra)
+        raise leaves[0] from group
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command != "run":
         _configure_logging(args, None)
     try:
-        code: int = args.handler(args)
+        code = _run_handler(args)
     except (ConfigError, CredentialError) as exc:
         print(f"hm-ingest: {exc}", file=sys.stderr)
         return EXIT_CONFIG
