@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ingest import __version__
+from ingest import __version__, fleet_cli
 from ingest.app import run_daemon
 from ingest.config import Settings, load_settings
 from ingest.emulator import cli as emulator_cli
@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=_cmd_check)
 
     _add_emulator_command(commands)
+    fleet_cli.add_commands(commands)
     return parser
 
 

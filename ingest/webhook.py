@@ -15,8 +15,9 @@ refusal                status  why
 =====================  ======  ==============================================================
 
 A repeated ``X-HM-Delivery`` id (HM retries until it sees a 2xx) is answered 200 and dropped.
-Accepted clearance changes go to ``on_change``, which must not block: it records the status and
-wakes the control loop, whose next listing of the fleet stays the authority.
+Accepted clearance changes are awaited in ``on_change`` (which records the status off the event
+loop and wakes the control loop, whose next listing of the fleet stays the authority) before the
+200 goes out.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import hmac
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -134,7 +135,7 @@ class WebhookReceiver:
         secret: str,
         *,
         max_body_bytes: int,
-        on_change: Callable[[ClearanceChange], None],
+        on_change: Callable[[ClearanceChange], Awaitable[None]],
         metrics: Metrics | None = None,
     ) -> None:
         self._secret = secret.encode()
@@ -160,7 +161,8 @@ class WebhookReceiver:
         self._count(outcome)
         if change is not None:
             log.info("webhook: %s is now %s", change.vin, change.status)
-            self._on_change(change)
+            # Awaited before answering: a 200 means "recorded", so HM's retries cover a crash.
+            await self._on_change(change)
         return web.json_response({"status": outcome})
 
     async def _accept(self, request: web.Request) -> tuple[str, ClearanceChange | None]:

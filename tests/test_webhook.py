@@ -57,9 +57,11 @@ class Receiver:
 async def _serve(secret: str, max_body: int = 4096) -> AsyncIterator[Receiver]:
     metrics = Metrics(CollectorRegistry())
     changes: list[ClearanceChange] = []
-    receiver = WebhookReceiver(
-        secret, max_body_bytes=max_body, on_change=changes.append, metrics=metrics
-    )
+
+    async def record(change: ClearanceChange) -> None:
+        changes.append(change)
+
+    receiver = WebhookReceiver(secret, max_body_bytes=max_body, on_change=record, metrics=metrics)
     app = build_app(metrics, HealthState(), [receiver.route()])
     async with serve(app, "127.0.0.1", 0) as port:
         yield Receiver(f"http://127.0.0.1:{port}{PATH}", changes, metrics)

@@ -1,0 +1,92 @@
+"""The daemon's side of fleet clearance: state, ingest gate, control loop and webhook, assembled.
+
+``[fleet] enabled = true`` turns it on. The pieces live in :mod:`ingest.fleet`; this module only
+wires them to the daemon:
+
+* the sink asks :meth:`FleetControl.gate` about every message's VIN (from the sink thread), and
+  routes rows of VINs known to be revoked, rejected or canceled to ``rejected/`` as ``not_cleared``;
+* the webhook hands verified ``fleet_clearance_changed`` events to :meth:`on_webhook`, which records
+  the new status at once (so the gate reacts within a delivery) and wakes the control loop;
+* :meth:`run` is the control loop, one task in the daemon's TaskGroup. It never raises on HM API
+  trouble (it backs off and reports), so an API outage never stops ingestion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from ingest.config import Settings
+from ingest.errors import IngestError
+from ingest.fleet.apiclient import build_api_client
+from ingest.fleet.history import TransitionHistory
+from ingest.fleet.reconcile import Reconciler
+from ingest.fleet.store import STORE_FILE, ClearanceStateStore
+from ingest.hmapi import HmApiClient
+from ingest.metrics import Metrics
+from ingest.webhook import ClearanceChange
+
+log = logging.getLogger("ingest.control")
+
+
+@dataclass
+class FleetControl:
+    store: ClearanceStateStore
+    history: TransitionHistory
+    client: HmApiClient
+    reconciler: Reconciler
+    interval_s: float
+
+    @classmethod
+    def open(cls, settings: Settings, metrics: Metrics) -> FleetControl:
+        """Open the clearance state and the API client; raises ConfigError on bad credentials."""
+        client = build_api_client(settings.api, metrics=metrics)
+        store = ClearanceStateStore(settings.state.path / STORE_FILE)
+        history = TransitionHistory(
+            store, settings.output.path, compression_level=settings.output.compression_level
+        )
+        reconciler = Reconciler(
+            client,
+            store,
+            history,
+            desired_file=settings.fleet.file,
+            prune=settings.fleet.prune,
+            metrics=metrics,
+        )
+        mode = f"desired fleet {settings.fleet.file}" if settings.fleet.file else "observe-only"
+        log.info(
+            "fleet control: %s, every %.0f s%s",
+            mode,
+            settings.fleet.interval_s,
+            ", prune on" if settings.fleet.prune else "",
+        )
+        return cls(store, history, client, reconciler, settings.fleet.interval_s)
+
+    def gate(self, vin: str) -> str | None:
+        """Why rows of ``vin`` must not go to telemetry/ (None: let them through)."""
+        return self.store.refusal(vin)
+
+    async def on_webhook(self, change: ClearanceChange) -> None:
+        # SQLite with fsync, and it may wait for a reconcile cycle's transaction: off the loop.
+        await asyncio.to_thread(
+            self.store.observe_status,
+            change.vin,
+            change.status,
+            reason=change.reason,
+            source="webhook",
+            at=change.received_at,
+        )
+        self.reconciler.wake()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.reconciler.run(interval_s=self.interval_s, stop=stop)
+
+    async def aclose(self) -> None:
+        # Webhook transitions since the last cycle reach clearance/ now rather than next start.
+        try:
+            await asyncio.to_thread(self.history.export)
+        except IngestError as exc:
+            log.warning("clearance history not exported at shutdown (retried at start): %s", exc)
+        await self.client.aclose()
+        self.store.close()
