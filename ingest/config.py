@@ -22,8 +22,6 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
-    ValidationInfo,
-    field_validator,
 )
 
 from ingest.errors import ConfigError
@@ -47,8 +45,9 @@ class MqttSettings(_Section):
         description="stable across restarts: the broker keys the persistent session by it",
     )
     topic: str = "live/level13/{app_id}/#"
-    # validate_default: an empty app_id is only wrong when the topic needs it, so check it always.
-    app_id: str = Field("", validate_default=True)
+    # Empty is only wrong when the topic needs it, and only for the commands that subscribe
+    # (`run`, `check`: see preflight), so `fleet` and `token` work from an [api]-only config.
+    app_id: str = ""
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
@@ -64,15 +63,6 @@ class MqttSettings(_Section):
     @property
     def resolved_topic(self) -> str:
         return self.topic.format(app_id=self.app_id)
-
-    @field_validator("app_id")
-    @classmethod
-    def _topic_needs_app_id(cls, app_id: str, info: ValidationInfo) -> str:
-        if "{app_id}" in info.data.get("topic", "") and not app_id:
-            raise ValueError(
-                "empty, but the topic uses {app_id}; set it to the application id from HM's console"
-            )
-        return app_id
 
 
 class Durability(StrEnum):

@@ -75,3 +75,6 @@ def configure(level: str = "INFO", fmt: Literal["human", "json"] = "human") -> N
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # httpx logs every request line at INFO, VINs in the URL included; our client logs what
+    # matters (retries, failures) itself.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

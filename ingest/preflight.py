@@ -21,6 +21,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from ingest.config import Settings, env_name
+from ingest.errors import ConfigError, CredentialError
+from ingest.fleet.apiclient import auth_settings
+from ingest.fleet.desired import load_desired_fleet
 
 EXPIRY_WARNING = dt.timedelta(days=30)
 
@@ -186,8 +189,60 @@ def check_writable(key: str, directory: Path) -> Finding:
     return Finding(Level.OK, key, f"{directory} is writable")
 
 
+def check_topic(settings: Settings) -> Finding:
+    mqtt = settings.mqtt
+    if "{app_id}" in mqtt.topic and not mqtt.app_id:
+        return Finding(
+            Level.ERROR,
+            "mqtt.app_id",
+            "empty, but the topic uses {app_id}; set it (environment HM_INGEST_MQTT_APP_ID) to the "
+            "application id from HM's console",
+        )
+    return Finding(Level.OK, "mqtt.topic", f"subscribing to {mqtt.resolved_topic}")
+
+
+def check_fleet(settings: Settings) -> Iterator[Finding]:
+    """The control loop's credentials and desired-fleet file, checked before any API call."""
+    fleet = settings.fleet
+    if not fleet.enabled:
+        if fleet.file is not None:
+            yield Finding(
+                Level.WARN,
+                "fleet.file",
+                "set, but [fleet] enabled is false: the control loop is off and the file is not "
+                "read; set enabled = true (HM_INGEST_FLEET_ENABLED) to keep the fleet in sync",
+            )
+        return
+    try:
+        auth = auth_settings(settings.api)
+        if auth.auth != "client_credentials":
+            auth.load_key()
+    except ConfigError as exc:
+        yield Finding(Level.ERROR, exc.key or "api", str(exc))
+    except CredentialError as exc:
+        yield Finding(Level.ERROR, "api.private_key_file", str(exc))
+    else:
+        yield Finding(Level.OK, "api.auth", f"{auth.auth} credentials present")
+    if fleet.file is None:
+        yield Finding(Level.OK, "fleet.file", "not set: observe-only (nothing is requested)")
+    else:
+        try:
+            desired = load_desired_fleet(fleet.file)
+        except ConfigError as exc:
+            yield Finding(Level.ERROR, "fleet.file", str(exc))
+        else:
+            yield Finding(Level.OK, "fleet.file", f"{len(desired)} vehicle(s) in {fleet.file}")
+    if not settings.webhook.secret.get_secret_value():
+        yield Finding(
+            Level.WARN,
+            "webhook.secret",
+            "empty: HM's fleet_clearance_changed webhooks will be refused (401) and clearance "
+            "changes are seen only every fleet.interval_s; set it to the console's webhook secret",
+        )
+
+
 def run_checks(settings: Settings) -> list[Finding]:
-    findings = list(check_mqtt_credentials(settings))
+    findings = [check_topic(settings), *check_mqtt_credentials(settings), *check_fleet(settings)]
     findings.append(check_writable("output.path", settings.output.path))
     findings.append(check_writable("state.path", settings.state.path))
     if settings.state.log_max_bytes < 2 * settings.state.log_segment_bytes:

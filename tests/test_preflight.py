@@ -17,6 +17,7 @@ from ingest.preflight import (
     EXPIRY_WARNING,
     Finding,
     Level,
+    check_fleet,
     check_mqtt_credentials,
     errors,
     run_checks,
@@ -451,3 +452,45 @@ def test_finding_renders_level_key_and_message() -> None:
     finding = Finding(Level.ERROR, "mqtt.ca_file", "something is wrong")
     assert str(finding) == "ERROR mqtt.ca_file: something is wrong"
     assert str(Finding(Level.OK, "k.k", "fine")).startswith("OK    k.k: ")
+
+
+def _fleet_settings(
+    tmp_path: Path, fleet: dict[str, object], **sections: dict[str, object]
+) -> Settings:
+    tree: dict[str, dict[str, object]] = {"mqtt": {"app_id": "app"}, "fleet": fleet, **sections}
+    return Settings.model_validate(tree)
+
+
+def test_fleet_checks_are_silent_when_the_loop_is_off(tmp_path: Path) -> None:
+    assert list(check_fleet(_fleet_settings(tmp_path, {}))) == []
+
+
+def test_a_fleet_file_without_the_loop_is_a_warning(tmp_path: Path) -> None:
+    [finding] = check_fleet(_fleet_settings(tmp_path, {"file": str(tmp_path / "f.csv")}))
+    assert (finding.level, finding.key) == (Level.WARN, "fleet.file")
+    assert "HM_INGEST_FLEET_ENABLED" in finding.message
+
+
+def test_the_loop_without_credentials_or_with_a_bad_fleet_file_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "fleet.csv"
+    bad.write_text("vin,brand\nNOTAVIN,sandbox\n")
+    findings = list(check_fleet(_fleet_settings(tmp_path, {"enabled": True, "file": str(bad)})))
+    by_key = {f.key: f for f in findings}
+    assert by_key["api.client_id"].level == Level.ERROR
+    assert by_key["fleet.file"].level == Level.ERROR
+    assert "NOTAVIN" in by_key["fleet.file"].message
+    assert by_key["webhook.secret"].level == Level.WARN
+
+
+def test_a_complete_fleet_configuration_passes(tmp_path: Path) -> None:
+    good = tmp_path / "fleet.csv"
+    good.write_text("vin,brand\nSBXGATE0000000010,sandbox\n")
+    settings = _fleet_settings(
+        tmp_path,
+        {"enabled": True, "file": str(good)},
+        api={"client_id": "id", "client_secret": "secret"},
+        webhook={"secret": "whsec"},
+    )
+    findings = list(check_fleet(settings))
+    assert [f.level for f in findings] == [Level.OK, Level.OK]
+    assert "1 vehicle(s)" in findings[1].message
