@@ -18,7 +18,7 @@ from ingest.emulator.clock import isoformat
 from ingest.emulator.context import EMULATOR
 from ingest.emulator.errors import hm_error, oauth_error, read_params
 from ingest.emulator.filters import FilterError, parse_filter
-from ingest.emulator.state import ClearanceRefused
+from ingest.emulator.state import ClearanceRefused, ClearanceStore
 from ingest.emulator.tokens import VEHICLE_SCOPES
 
 FLEET_SCOPE = "fleet:clearance"
@@ -46,24 +46,25 @@ async def post_vehicles(request: web.Request) -> web.Response:
     vehicles = body.get("vehicles")
     if not isinstance(vehicles, list):
         raise hm_error(422, "Invalid input", "vehicles must be a list", "vehicles")
-    results = []
-    for item in vehicles:
-        if not isinstance(item, dict):
-            results.append(_item_error(None, "each vehicle must be an object"))
-            continue
-        vin, brand, tags = item.get("vin"), item.get("brand"), item.get("tags", {})
-        problem = vin_problem(vin)
-        if problem is None and brand not in FLEET_BRANDS:
-            problem = "The brand is invalid"
-        if problem is None and not _valid_tags(tags):
-            problem = "tags must map strings to strings"
-        if problem is not None:
-            results.append(_item_error(vin, problem))
-            continue
-        # control_measures (odometer) is accepted and ignored: HM has marked it unnecessary.
-        vehicle = store.add(str(vin), str(brand), tags)
-        results.append({"vin": vehicle.vin, "status": vehicle.status, "tags": vehicle.tags})
+    with store.one_save():
+        results = [_add_vehicle(store, item) for item in vehicles]
     return web.json_response({"vehicles": results})
+
+
+def _add_vehicle(store: ClearanceStore, item: object) -> dict[str, Any]:
+    if not isinstance(item, dict):
+        return _item_error(None, "each vehicle must be an object")
+    vin, brand, tags = item.get("vin"), item.get("brand"), item.get("tags", {})
+    problem = vin_problem(vin)
+    if problem is None and brand not in FLEET_BRANDS:
+        problem = "The brand is invalid"
+    if problem is None and not _valid_tags(tags):
+        problem = "tags must map strings to strings"
+    if problem is not None:
+        return _item_error(vin, problem)
+    # control_measures (odometer) is accepted and ignored: HM has marked it unnecessary.
+    vehicle = store.add(str(vin), str(brand), tags)
+    return {"vin": vehicle.vin, "status": vehicle.status, "tags": vehicle.tags}
 
 
 async def get_vehicles(request: web.Request) -> web.Response:

@@ -17,9 +17,10 @@ clearance, appending to the same changelog; for any other known VIN it reports t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -117,7 +118,20 @@ class ClearanceStore:
         self.behaviour = behaviour
         self._on_change = on_change
         self._vehicles: dict[str, Vehicle] = {}
+        self._deferring = False
+        self._dirty = False
         self._load()
+
+    @contextlib.contextmanager
+    def one_save(self) -> Iterator[None]:
+        """Group many commands (a POST of 1,000 vehicles) into one rewrite of the state file."""
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+            if self._dirty:
+                self._save()
 
     # -- queries --------------------------------------------------------------------------
     def get(self, vin: str) -> Vehicle | None:
@@ -227,6 +241,10 @@ class ClearanceStore:
         self._vehicles = {d["vin"]: Vehicle.from_json(d) for d in data["vehicles"]}
 
     def _save(self) -> None:
+        if self._deferring:
+            self._dirty = True
+            return
+        self._dirty = False
         # Write-then-rename so a crash never leaves a half-written state file behind. No fsync:
         # this is a test double, and losing the last change on power loss is acceptable here.
         data = {
