@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from ingest.checkpoint import CheckpointStore
 from ingest.config import Settings
+from ingest.control import FleetControl
 from ingest.decode import Decoder
 from ingest.dedupe import DedupeIndex
 from ingest.health import HEARTBEAT_S, HealthState, stale
@@ -40,6 +41,7 @@ from ingest.schemas import REJECTED, TELEMETRY
 from ingest.sink import FlushPolicy, Sink
 from ingest.threads import run_in_thread
 from ingest.wal import Durability, WriteAheadLog
+from ingest.webhook import ClearanceChange, WebhookReceiver
 
 log = logging.getLogger("ingest.app")
 
@@ -139,11 +141,28 @@ class Daemon:
         self.shutdown = shutdown or asyncio.Event()
         self.http_port: int | None = None
         self.started = asyncio.Event()
+        self.control: FleetControl | None = None
 
     async def run(self) -> int:
         settings = self.settings
+        if settings.fleet.enabled:
+            # Bad API credentials stop start-up here (ConfigError, exit 2), before any message.
+            self.control = await asyncio.to_thread(FleetControl.open, settings, self.metrics)
+        try:
+            return await self._run_pipeline()
+        finally:
+            if self.control is not None:
+                await self.control.aclose()
+
+    async def _run_pipeline(self) -> int:
+        settings = self.settings
         metrics = self.metrics
         pipeline = await asyncio.to_thread(open_pipeline, settings, metrics)
+        if self.control is not None:
+            # Set after the start-up replay: replayed records were received before this run and
+            # are judged by the clearance state known now only from here on (either is correct:
+            # none of them was committed before).
+            pipeline.sink.set_gate(self.control.gate)
         try:
             return await self._run_live(pipeline)
         finally:
@@ -169,7 +188,14 @@ class Daemon:
         self._register_probes(intake, pipeline.sink, session)
 
         host, port = settings.metrics.host_port
-        async with serve(build_app(metrics, health), host, port) as bound_port:
+        webhook = WebhookReceiver(
+            settings.webhook.secret.get_secret_value(),
+            max_body_bytes=settings.webhook.max_body_bytes,
+            on_change=self._on_webhook,
+            metrics=metrics,
+        )
+        app = build_app(metrics, health, [webhook.route()])
+        async with serve(app, host, port) as bound_port:
             self.http_port = bound_port
             session.start()
             try:
@@ -200,9 +226,17 @@ class Daemon:
                 run_in_thread("sink", lambda: sink.run(sink_stop)), name="sink"
             )
             heartbeat = tg.create_task(self._heartbeat(), name="heartbeat")
+            fleet_stop = asyncio.Event()
+            if self.control is not None:
+                fleet = tg.create_task(self.control.run(fleet_stop), name="fleet-control")
             self.started.set()
             log.info("running: subscribed to %s", self.settings.mqtt.resolved_topic)
             await self.shutdown.wait()
+            if self.control is not None:
+                # The loop's state is transactional: cutting a cycle short loses nothing, and
+                # the drain must not wait for an HM API call.
+                fleet_stop.set()
+                fleet.cancel()
             log.info("shutting down: draining within %.0f s", deadline_s)
             started = time.monotonic()
             try:
@@ -230,6 +264,16 @@ class Daemon:
                 sink_task.cancel()
             heartbeat.cancel()
         return exit_code
+
+    async def _on_webhook(self, change: ClearanceChange) -> None:
+        if self.control is None:
+            log.warning(
+                "webhook for %s (%s) ignored: [fleet] enabled is false, no clearance state is kept",
+                change.vin,
+                change.status,
+            )
+            return
+        await self.control.on_webhook(change)
 
     async def _heartbeat(self) -> None:
         while True:

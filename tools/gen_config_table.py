@@ -114,37 +114,49 @@ MEANINGS: dict[str, str] = {
     "logging.format": (
         "`human` for terminals, `json` for one JSON object per line (`--log-format` overrides it)."
     ),
-    "api.environment": "HM REST environment. Reserved: not used by `hm-ingest run` yet.",
+    "api.environment": (
+        "HM REST environment: sets both the base URL and the JWT `aud` of the two JWT flows."
+    ),
     "api.base_url": (
-        "HM REST base URL including `/v1` (overrides `api.environment`, e.g. for the emulator). "
-        "Reserved: not used by `hm-ingest run` yet."
+        "HM REST base URL including `/v1`; overrides `api.environment` (e.g. the emulator's "
+        "`base_url`). The JWT `aud` follows it."
     ),
     "api.client_id": (
-        "OAuth client id for HM's REST API. Reserved: not used by `hm-ingest run` yet."
+        "OAuth client id from HM's console; needed by `client_credentials` and `private_key`."
     ),
     "api.client_secret": (
-        "OAuth client secret (kept as a secret, never logged). Reserved: not used by "
-        "`hm-ingest run` yet."
+        "OAuth client secret (kept as a secret, never logged); needed by `client_credentials`."
     ),
     "api.private_key_file": (
-        "EC P-256 key for the `private_key` / `service_account` flows (PEM, or the JSON file "
-        "HM's console downloads). Reserved: not used by `hm-ingest run` yet."
+        "EC P-256 key for the `private_key` / `service_account` flows: the JSON file HM's "
+        "console downloads (as it is), or a PKCS#8/SEC1 PEM."
     ),
-    "api.auth": "How to obtain HM API tokens. Reserved: not used by `hm-ingest run` yet.",
-    "api.timeout_s": "HM REST request timeout. Reserved: not used by `hm-ingest run` yet.",
-    "fleet.file": "Fleet clearance list. Reserved: not used by `hm-ingest run` yet.",
-    "fleet.prune": "Reserved: not used by `hm-ingest run` yet.",
+    "api.auth": (
+        "How to obtain HM API tokens: OAuth2 client credentials, client credentials with a "
+        "signed private-key assertion, or the service-account `auth_tokens` JWT flow."
+    ),
+    "api.timeout_s": "Timeout of one HM REST request (retries come on top).",
+    "fleet.file": (
+        "Desired fleet, CSV or YAML (`vin, brand, tags…`, optional odometer). Unset: "
+        "observe-only, the loop follows HM's clearance list and requests nothing. Re-read "
+        "every cycle; a bad file is logged and the last good one kept."
+    ),
+    "fleet.prune": (
+        "Revoke (approved) or cancel (pending) clearances of VINs no longer in `fleet.file`. "
+        "Never in observe-only mode, never against an empty file."
+    ),
     "fleet.interval_s": (
-        "Clearance reconcile interval. Reserved: not used by `hm-ingest run` yet."
+        "Seconds between reconcile cycles; a verified webhook starts one at once."
     ),
     "fleet.enabled": (
-        "Fleet clearance control loop on/off. Reserved: not used by `hm-ingest run` yet."
+        "Run the fleet clearance control loop inside `hm-ingest run` (needs `[api]` "
+        "credentials). Off: no clearance state is kept and no VIN is gated."
     ),
     "webhook.secret": (
-        "HMAC secret of HM's webhook signatures. Reserved: not used by `hm-ingest run` yet "
-        "(no `/webhook` route is served)."
+        "Secret of HM's webhook (console); `POST /webhook` verifies `X-HM-Signature-256` "
+        "with it. Empty: every delivery is refused (401)."
     ),
-    "webhook.max_body_bytes": "Largest webhook body accepted. Reserved: not used yet.",
+    "webhook.max_body_bytes": "Largest webhook body accepted; a longer one gets 413 unread.",
 }
 
 
