@@ -1,169 +1,245 @@
-"""Drain a preloaded backlog over mutual TLS: bare paho consumer vs ``hm-ingest run`` end to end.
+"""Side-by-side drain benchmark over mutual TLS: mosquitto_sub, bare paho, ``hm-ingest run``.
 
-    python bench/drain_bench.py [--messages 200000]
+    python bench/drain_bench.py                       # 200k backlog, all three, then live mode
+    python bench/drain_bench.py --repeat 3            # report the spread of three rounds
+    python bench/drain_bench.py --messages 1000000 --consumers hm-ingest --no-live   # peak RSS
+    python bench/drain_bench.py --no-drain --rate 5000 --live-seconds 20             # live only
 
-Both consumers face the same broker and the same backlog (published with paho
-while their persistent sessions were offline). The bare consumer auto-acks and does nothing else;
-the daemon logs, fsyncs, acks, decodes and commits Parquet. Prints messages/s, CPU seconds per
-100k messages, peak RSS and the ratio. Not a test: figures, not assertions.
+Drain mode: one local Mosquitto, one backlog (realistic V1 and V2 payloads across ``--vehicles``
+VINs, from ingest.testing.traffic) published with ``mosquitto_pub -l`` while each consumer's
+persistent session is offline; then each consumer drains it: ``mosquitto_sub`` (C, the machine's
+limit), a bare paho consumer (auto-ack, no work) and ``hm-ingest run`` end to end (log + fsync,
+ordered PUBACKs, decode, dedupe, Parquet committed). Each is its own process; printed: msg/s,
+CPU seconds per 100k messages, peak RSS, ratios, Parquet bytes per row against raw JSON.
+Live mode: the daemon under a fixed publish rate: CPU % of one core, publish-to-Parquet latency.
+
+Not a test: figures, not assertions. The machine is shared; run it when ``uptime`` is low.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import signal
-import ssl
+import statistics
+import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+from typing import Any
 
-import orjson
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
+if __package__ in (None, ""):  # run as `python bench/drain_bench.py`: make `bench.` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ingest.testing import CertBundle, MosquittoBroker, Publisher, make_certs
-from ingest.testing.daemon import APP_ID, DaemonProcess, daemon_config, wait_ready, write_toml
-from ingest.testing.traffic import stream
+from bench.drain_live import LiveResult, run_live
+from bench.drain_support import (
+    Backlog,
+    BenchDaemon,
+    Result,
+    bare_paho,
+    bare_paho_session,
+    hm_ingest,
+    make_backlog,
+    mosquitto_sub,
+    mosquitto_sub_session,
+    preload,
+)
+from ingest.testing import CertBundle, MosquittoBroker, make_certs
 
-TOPIC = f"live/level13/{APP_ID}/#"
-
-
-def _preload(broker: MosquittoBroker, certs: CertBundle, lines: list[tuple[str, bytes]]) -> None:
-    # paho, not `mosquitto_pub -l`: the backlog spans thousands of per-VIN topics and
-    # mosquitto_pub takes one topic per process.
-    with Publisher(broker, certs, timeout_s=600) as publisher:
-        for start in range(0, len(lines), 10_000):
-            publisher.publish_many(lines[start : start + 10_000])
-
-
-def _proc_stats(pid: int) -> tuple[float, int]:
-    """(CPU seconds, peak RSS bytes) of a live process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    cpu = (int(fields[11]) + int(fields[12])) / ticks
-    peak = 0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            peak = int(line.split()[1]) * 1024
-    return cpu, peak
+CONSUMERS = ("mosquitto_sub", "paho", "hm-ingest")
 
 
-def _bare_client(broker: MosquittoBroker, certs: CertBundle, on_message: object) -> paho.Client:
-    client = paho.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2,
-        client_id="bench-bare-paho",
-        clean_session=False,
+def _overrides(pairs: list[str]) -> dict[str, dict[str, Any]]:
+    """``section.key=value`` settings for the daemon's TOML (numbers and booleans parsed)."""
+    tree: dict[str, dict[str, Any]] = {}
+    for pair in pairs:
+        name, _, text = pair.partition("=")
+        section, _, key = name.partition(".")
+        value: Any = text
+        if text in ("true", "false"):
+            value = text == "true"
+        else:
+            for kind in (int, float):
+                try:
+                    value = kind(text)
+                    break
+                except ValueError:
+                    pass
+        tree.setdefault(section, {})[key] = value
+    return tree
+
+
+def _drain_round(  # noqa: PLR0917 - one call site, every argument differs in kind
+    broker: MosquittoBroker,
+    certs: CertBundle,
+    backlog: Backlog,
+    work: Path,
+    consumers: list[str],
+    overrides: dict[str, dict[str, Any]],
+    round_no: int,
+) -> list[Result]:
+    results = []
+    for name in consumers:
+        took = preload(broker, certs, backlog)
+        print(f"  round {round_no}: preloaded for {name} in {took:.1f} s", flush=True)
+        if name == "mosquitto_sub":
+            results.append(mosquitto_sub(broker, certs, backlog))
+        elif name == "paho":
+            results.append(bare_paho(broker, certs, backlog))
+        else:
+            daemon = BenchDaemon(broker, certs, work / f"daemon-{round_no}", overrides=overrides)
+            results.append(hm_ingest(daemon, backlog, "hm-ingest run (durable)"))
+        r = results[-1]
+        print(f"    {r.name}: {r.rate:,.0f} msg/s, {r.cpu_per_100k:.2f} CPU s/100k", flush=True)
+    return results
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    if len(values) == 1:
+        return format(values[0], fmt)
+    low, mid, high = (format(v, fmt) for v in (min(values), statistics.median(values), max(values)))
+    return f"{mid} ({low}-{high})"
+
+
+def _print_drain(backlog: Backlog, rounds: list[list[Result]]) -> None:
+    print()
+    print(
+        f"backlog: {backlog.messages:,} messages, {backlog.vehicles} VINs, "
+        f"{len(backlog.by_topic)} topics, {backlog.raw_bytes / 1e6:.1f} MB raw JSON; "
+        f"{len(rounds)} round(s): median (min-max)"
     )
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.load_verify_locations(str(certs.ca_file))
-    ctx.load_cert_chain(str(certs.client_cert), str(certs.client_key))
-    client.tls_set_context(ctx)
-    client.on_message = on_message  # type: ignore[assignment]
-    return client
-
-
-def bare_paho(
-    broker: MosquittoBroker, certs: CertBundle, lines: list[tuple[str, bytes]]
-) -> dict[str, float]:
-    subscribed = threading.Event()
-    client = _bare_client(broker, certs, None)
-    client.on_subscribe = lambda *a: subscribed.set()
-    client.connect(broker.host, broker.port)
-    client.subscribe(TOPIC, qos=1)
-    client.loop_start()
-    subscribed.wait(10)
-    client.disconnect()
-    client.loop_stop()
-    _preload(broker, certs, lines)
-
-    count = 0
-    done = threading.Event()
-    total = len(lines)
-
-    def on_message(_c: object, _u: object, _m: object) -> None:
-        nonlocal count
-        count += 1
-        if count >= total:
-            done.set()
-
-    client = _bare_client(broker, certs, on_message)
-    cpu0 = time.process_time()
-    started = time.perf_counter()
-    client.connect(broker.host, broker.port)
-    client.loop_start()
-    done.wait(600)
-    elapsed = time.perf_counter() - started
-    cpu = time.process_time() - cpu0
-    client.disconnect()
-    client.loop_stop()
-    # RSS is not reported: this consumer shares its process with the benchmark's own data.
-    return {"messages": count, "seconds": elapsed, "cpu": cpu, "rss": 0.0}
-
-
-def daemon(
-    broker: MosquittoBroker, certs: CertBundle, lines: list[tuple[str, bytes]], work: Path
-) -> dict[str, float]:
-    work.mkdir(parents=True, exist_ok=True)
-    tree = daemon_config(broker, certs, work, overrides={"output": {"flush_age_s": 1.0}})
-    config = write_toml(tree, work / "bench.toml")
-    process = DaemonProcess(config, work / "daemon.log")
-    process.start()  # first run: create the persistent session, then go offline
-    wait_ready(tree)
-    process.signal(signal.SIGTERM)
-    process.wait(30)
-    _preload(broker, certs, lines)
-
-    checkpoint = work / "state" / "checkpoint.json"
-    total = len(lines)
-    started = time.perf_counter()
-    process.start()
-    assert process.proc is not None
-    pid = process.proc.pid
-    cpu = peak = 0.0
-    while True:
-        cpu, peak = _proc_stats(pid)
-        committed = (
-            orjson.loads(checkpoint.read_bytes())["committed_lsn"] if checkpoint.exists() else 0
+    by_name: dict[str, list[Result]] = {}
+    for results in rounds:
+        for r in results:
+            by_name.setdefault(r.name, []).append(r)
+    rate = {name: statistics.median(r.rate for r in rs) for name, rs in by_name.items()}
+    sub = next((v for k, v in rate.items() if k.startswith("mosquitto_sub")), None)
+    paho = next((v for k, v in rate.items() if k.startswith("bare paho")), None)
+    print(
+        "| consumer | msg/s | CPU s per 100k | peak RSS MB | vs mosquitto_sub | vs bare paho |\n"
+        "|---|---|---|---|---|---|"
+    )
+    for name, rs in by_name.items():
+        r_sub = f"{rate[name] / sub:.2f}" if sub else "-"
+        r_paho = f"{rate[name] / paho:.2f}" if paho else "-"
+        print(
+            f"| {name} | {_spread([r.rate for r in rs], ',.0f')} | "
+            f"{_spread([r.cpu_per_100k for r in rs], '.2f')} | "
+            f"{_spread([r.rss_bytes / 1e6 for r in rs], '.0f')} | {r_sub} | {r_paho} |"
         )
-        if committed >= total:
-            break
-        time.sleep(0.05)
-    elapsed = time.perf_counter() - started
-    process.signal(signal.SIGTERM)
-    process.wait(60)
-    parquet = sum(p.stat().st_size for p in (work / "data").rglob("*.parquet"))
-    return {"messages": total, "seconds": elapsed, "cpu": cpu, "rss": peak, "parquet": parquet}
+    for name, rs in by_name.items():
+        last = rs[-1]
+        if "parquet_bytes" in last.extra:
+            rows = last.extra["rows"]
+            parquet = last.extra["parquet_bytes"]
+            print(
+                f"{name}: {rows:,} rows ({last.extra['telemetry_rows']:,} telemetry); Parquet "
+                f"{parquet / 1e6:.1f} MB = {parquet / rows:.1f} bytes/row against "
+                f"{backlog.raw_bytes / rows:.1f} bytes/row of raw JSON "
+                f"({parquet / backlog.raw_bytes:.3f} of raw); start-up before subscribed "
+                f"{last.extra['startup_s']:.2f} s (not in msg/s); exit code "
+                f"{last.extra['exit_code']}"
+            )
+
+
+def _print_live(results: list[LiveResult]) -> None:
+    print()
+    print("| live rate msg/s | sent msg/s | daemon CPU % of one core | p50 s | p99 s | max s |"
+          " peak RSS MB |\n|---|---|---|---|---|---|---|")  # fmt: skip
+    for r in results:
+        print(
+            f"| {r.rate_target:,} | {r.rate_sent:,.0f} | {r.cpu_fraction * 100:.1f} | "
+            f"{r.latency_p50_s:.2f} | {r.latency_p99_s:.2f} | {r.latency_max_s:.2f} | "
+            f"{r.rss_bytes / 1e6:.0f} |"
+        )
+    if results:
+        print(
+            f"(latency = publish to Parquet file committed, with [output] flush_age_s = "
+            f"{results[0].flush_age_s:g}; CPU over {results[0].seconds:.0f} s after warm-up)"
+        )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--messages", type=int, default=200_000)
     parser.add_argument("--vehicles", type=int, default=1000)
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--consumers", default=",".join(CONSUMERS))
+    parser.add_argument("--no-drain", action="store_true")
+    parser.add_argument("--no-live", action="store_true")
+    parser.add_argument("--rate", type=int, action="append", help="live msg/s (repeatable)")
+    parser.add_argument("--live-seconds", type=float, default=20.0)
+    parser.add_argument("--flush-age", type=float, default=1.0, help="[output] flush_age_s")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="daemon setting"
+    )
+    parser.add_argument(
+        "--daemon-code", type=Path, help="run the daemon from this source tree (PYTHONPATH)"
+    )
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
+    consumers = [c for c in args.consumers.split(",") if c]
+    unknown = set(consumers) - set(CONSUMERS)
+    if unknown:
+        parser.error(f"unknown consumers {sorted(unknown)}; choose from {', '.join(CONSUMERS)}")
+    overrides = _overrides(args.set)
+    overrides.setdefault("output", {})["flush_age_s"] = args.flush_age
+    if args.daemon_code:
+        # Children only: this process has already imported its modules. `python -m` puts the
+        # working folder first on sys.path, so the daemon must start from that tree as well.
+        os.environ["PYTHONPATH"] = str(args.daemon_code.resolve())
+        os.chdir(args.daemon_code)
+    print(f"load before: {os.getloadavg()}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="drain-bench-") as tmp:
         work = Path(tmp)
         certs = make_certs(work / "certs")
-        lines = [
-            (m.topic, m.payload) for m in stream(APP_ID, args.messages, vehicles=args.vehicles)
-        ]
-        raw = sum(len(p) for _, p in lines)
-        with MosquittoBroker(work / "broker", certs) as broker:
-            bare = bare_paho(broker, certs, lines)
-            full = daemon(broker, certs, lines, work / "daemon")
-    print(f"backlog: {args.messages} messages, {args.vehicles} VINs, {raw / 1e6:.1f} MB raw JSON")
-    print(f"{'consumer':<28}{'msg/s':>10}{'CPU s/100k':>12}{'peak RSS MB':>13}")
-    for name, result in (("bare paho (auto-ack)", bare), ("hm-ingest run (durable)", full)):
-        rate = result["messages"] / result["seconds"]
-        cpu = result["cpu"] / result["messages"] * 100_000
-        rss = f"{result['rss'] / 1e6:.0f}" if result["rss"] else "-"
-        print(f"{name:<28}{rate:>10.0f}{cpu:>12.2f}{rss:>13}")
-    ratio = (full["messages"] / full["seconds"]) / (bare["messages"] / bare["seconds"])
-    print(f"ratio hm-ingest / bare paho: {ratio:.2f}")
-    print(
-        f"Parquet bytes: {full['parquet'] / 1e6:.1f} MB ({full['parquet'] / raw:.3f} of raw JSON)"
-    )
+        queued = max(2 * args.messages, 1_000_000)
+        broker_dir = work / "broker"
+        with MosquittoBroker(
+            broker_dir, certs, max_queued_messages=queued, autosave_interval_s=3600
+        ) as broker:
+            rounds: list[list[Result]] = []
+            backlog = None
+            if not args.no_drain:
+                started = time.perf_counter()
+                backlog = make_backlog(args.messages, args.vehicles)
+                print(f"backlog generated in {time.perf_counter() - started:.1f} s", flush=True)
+                if "mosquitto_sub" in consumers:
+                    mosquitto_sub_session(broker, certs)
+                if "paho" in consumers:
+                    bare_paho_session(broker, certs)
+                if "hm-ingest" in consumers:
+                    session = BenchDaemon(broker, certs, work / "session", overrides=overrides)
+                    session.create_session()
+                for round_no in range(1, args.repeat + 1):
+                    rounds.append(
+                        _drain_round(broker, certs, backlog, work, consumers, overrides, round_no)
+                    )
+            live: list[LiveResult] = []
+            if not args.no_live:
+                for index, rate in enumerate(args.rate or [5000]):
+                    daemon = BenchDaemon(
+                        broker,
+                        certs,
+                        work / f"live-{index}",
+                        client_id=f"bench-live-{index}",
+                        overrides=overrides,
+                    )
+                    live.append(
+                        run_live(
+                            broker,
+                            certs,
+                            daemon,
+                            rate=rate,
+                            seconds=args.live_seconds,
+                            vehicles=args.vehicles,
+                            flush_age_s=args.flush_age,
+                        )
+                    )
+    print(f"load after: {os.getloadavg()}")
+    if backlog is not None and rounds:
+        _print_drain(backlog, rounds)
+    _print_live(live)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ product's promise:
   in that same order ([MQTT-4.6.0-2]).
 * Acks never wait for Parquet. The broker's in-flight window (20 on Mosquitto by default) would
   otherwise stall the stream for a whole flush interval. The log absorbs the difference.
-* When the log holds ``max_log_bytes`` (the sink cannot keep up or cannot write), or the log
-  itself cannot be written (disk full), intake stops writing and acking. The broker stops
+* When the log holds ``max_log_bytes`` of records the sink has not committed yet (it cannot keep
+  up or cannot write), or the log itself cannot be written (disk full), intake stops writing and
+  acking. The broker stops
   sending once its in-flight window is full and keeps the rest queued, so memory stays bounded by
   that window. Intake resumes by itself when the log shrinks or the disk has room again.
 
@@ -23,13 +24,14 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from ingest.errors import LogError
 from ingest.metrics import Metrics
 from ingest.mqtt import Delivery
-from ingest.wal import LogRecord, WriteAheadLog
+from ingest.wal import HEADER, LogRecord, WriteAheadLog
 
 log = logging.getLogger("ingest.intake")
 
@@ -41,6 +43,13 @@ POLL_S = 0.1
 # After the cap is hit, wait until the log is this fraction of the cap before resuming, so intake
 # does not flap between paused and running on every released segment.
 RESUME_FRACTION = 0.8
+# Received messages waiting for the intake thread at which the receiver stops reading the socket.
+RECEIVE_BACKLOG = 2 * MAX_GROUP
+# Groups handed to the sink and not yet taken by it at which logging waits: records wait in the
+# sink's queue as Python objects (~1.8x their payload), so a deep queue is only memory.
+SINK_BACKLOG_GROUPS = 4
+# Payload the sink may hold queued beyond one full batch before acks pause (see IntakeLimits).
+SINK_QUEUE_BYTES = 16 * 1024 * 1024
 # Retry a failed log write (disk full) at most this often.
 WRITE_RETRY_MAX_S = 5.0
 
@@ -49,7 +58,21 @@ _Received = tuple[int, str, bytes, Delivery]
 
 @dataclass(frozen=True, slots=True)
 class IntakeLimits:
+    # Log bytes of records the sink has not committed yet ([state] log_max_bytes).
     max_log_bytes: int
+    # Payload bytes handed to the sink and not committed yet. Those records sit in the sink's
+    # memory (its queue and pending batch) as well as in the log, so this bounds the daemon's
+    # memory when it receives faster than the sink commits. None: only the log cap applies.
+    max_pending_payload_bytes: int | None = None
+
+    @classmethod
+    def sized(cls, *, max_log_bytes: int, flush_bytes: int) -> IntakeLimits:
+        """Limits for a sink that commits at ``flush_bytes`` of payload ([output] flush_bytes).
+
+        The sink needs room for one full batch to commit by size; what it holds beyond that is
+        only a queue, which SINK_QUEUE_BYTES bounds.
+        """
+        return cls(max_log_bytes, flush_bytes + SINK_QUEUE_BYTES)
 
 
 class Intake:
@@ -63,8 +86,12 @@ class Intake:
         deliver: Callable[[list[LogRecord]], None],
         limits: IntakeLimits,
         metrics: Metrics,
+        committed_lsn: Callable[[], int],
+        sink_backlog: Callable[[], int] | None = None,
         now_us: Callable[[], int] = lambda: time.time_ns() // 1000,
     ) -> None:
+        """``committed_lsn`` reads the sink's last committed LSN, ``sink_backlog`` how many
+        delivered groups the sink has not taken yet (both may be called from any thread)."""
         self._wal = wal
         self._ack = ack
         self._deliver = deliver
@@ -75,16 +102,43 @@ class Intake:
         self._accepting = True
         self._paused = False
         self.heartbeat = time.monotonic()
+        # The last append's failure (disk full, I/O error) while it persists: readiness shows it.
+        self.last_write_error: str | None = None
+        self._committed_lsn = committed_lsn
+        self._sink_backlog = sink_backlog
+        # (last lsn, frame bytes, payload bytes) of each logged group the sink has not committed
+        # yet. The caps count these, not the log's size on disk: the active segment also holds
+        # committed records until it is full and released, which would make the cap fire early.
+        self._uncommitted: deque[tuple[int, int, int]] = deque()
+        self._uncommitted_bytes = 0
+        self._pending_payload_bytes = 0
+        logged_through = wal.next_lsn - 1
+        if logged_through > committed_lsn():
+            # Replayed at start-up but not committed yet. Their exact size is not at hand; the
+            # log's size bounds it from above until the sink commits past them.
+            size = wal.size_bytes
+            self._uncommitted.append((logged_through, size, size))
+            self._uncommitted_bytes = self._pending_payload_bytes = size
 
     # -- paho's network thread ------------------------------------------------------------------
     def submit(self, topic: str, payload: bytes, delivery: Delivery) -> None:
-        """Queue one received message. Never blocks: paho must keep reading the socket."""
+        """Queue one received message. Never blocks: the receive thread must keep reading.
+
+        Metrics are counted per group on the intake thread, not here: each Prometheus update
+        takes a lock, and this runs once per message on the thread that holds the GIL most.
+        """
         if not self._accepting:
             # Shutting down: leave it unacknowledged; the broker redelivers it next session.
             return
-        self._metrics.messages_received.inc()
-        self._metrics.messages_unacked.inc()
         self._queue.put((self._now_us(), topic, payload, delivery))
+
+    def receive_backlog_full(self) -> bool:
+        """True while RECEIVE_BACKLOG messages wait to be logged: the receiver should stop reading.
+
+        Any thread. Without this, a receiver faster than the pipeline would queue the broker's
+        whole backlog here (Mosquitto keeps sending past its in-flight window).
+        """
+        return self._queue.qsize() >= RECEIVE_BACKLOG
 
     def close(self) -> None:
         """Stop accepting messages; :meth:`run` then logs and acks what it already holds."""
@@ -104,6 +158,8 @@ class Intake:
                 if stop.is_set():
                     return
                 continue
+            self._metrics.messages_received.inc(len(group))
+            self._metrics.messages_unacked.inc(len(group))
             if not self._commit(group, stop):
                 # Stopped while paused: the group stays unacknowledged and the broker keeps it.
                 self._metrics.messages_unacked.dec(len(group))
@@ -144,34 +200,80 @@ class Intake:
         self._metrics.log_segments.set(self._wal.segment_count)
         return True
 
+    @property
+    def uncommitted_bytes(self) -> int:
+        """Log bytes of records not yet committed by the sink. Intake thread only."""
+        self._settle()
+        return self._uncommitted_bytes
+
+    @property
+    def pending_payload_bytes(self) -> int:
+        """Payload bytes of records the sink holds uncommitted. Intake thread only."""
+        self._settle()
+        return self._pending_payload_bytes
+
+    def _settle(self) -> None:
+        committed = self._committed_lsn()
+        pending = self._uncommitted
+        while pending and pending[0][0] <= committed:
+            _, frames, payload = pending.popleft()
+            self._uncommitted_bytes -= frames
+            self._pending_payload_bytes -= payload
+
+    def _count_logged(self, last_lsn: int, entries: list[tuple[int, str, bytes]]) -> None:
+        # The frame sizes the log wrote (topics are ASCII in HM's scheme, so len() is their UTF-8
+        # length; a non-ASCII topic is undercounted by a few bytes, which the cap can afford).
+        payload = sum(len(p) for _, _, p in entries)
+        size = payload + sum(HEADER.size + len(topic) for _, topic, _ in entries)
+        self._uncommitted.append((last_lsn, size, payload))
+        self._uncommitted_bytes += size
+        self._pending_payload_bytes += payload
+
     def _append_when_possible(
         self, entries: list[tuple[int, str, bytes]], stop: threading.Event
     ) -> int | None:
         retry_s = POLL_S
         while not stop.is_set() or not self._paused:
-            if self._over_cap():
-                self._set_paused(True, f"log holds {self._wal.size_bytes} bytes, cap reached")
+            why = self._cap_reached()
+            if why is not None:
+                self._set_paused(True, why)
                 self.heartbeat = time.monotonic()
                 if stop.wait(POLL_S):
                     return None
                 continue
             try:
-                first_lsn, _ = self._wal.append_batch(entries)
+                first_lsn, last_lsn = self._wal.append_batch(entries)
             except LogError as exc:
+                self.last_write_error = str(exc)
                 self._set_paused(True, f"log write failed: {exc}")
                 self.heartbeat = time.monotonic()
                 if stop.wait(retry_s):
                     return None
                 retry_s = min(retry_s * 2, WRITE_RETRY_MAX_S)
                 continue
+            self.last_write_error = None
+            self._count_logged(last_lsn, entries)
             self._set_paused(False, "")
             return first_lsn
         return None
 
-    def _over_cap(self) -> bool:
-        size = self._wal.size_bytes
-        limit = self._limits.max_log_bytes
-        return size >= (limit * RESUME_FRACTION if self._paused else limit)
+    def _cap_reached(self) -> str | None:
+        """Why logging must wait (a cap is reached), or None. Paused, it waits for 80 %."""
+        scale = RESUME_FRACTION if self._paused else 1.0
+        size = self.uncommitted_bytes
+        if size >= self._limits.max_log_bytes * scale:
+            return f"log holds {size} uncommitted bytes, cap reached"
+        if self._sink_backlog is not None:
+            queued = self._sink_backlog()
+            if queued >= SINK_BACKLOG_GROUPS:
+                return f"the sink has {queued} groups of records queued: it is behind"
+        limit = self._limits.max_pending_payload_bytes
+        if limit is not None and self._pending_payload_bytes >= limit * scale:
+            return (
+                f"the sink holds {self._pending_payload_bytes} payload bytes not yet committed "
+                f"(limit {limit}): it is behind"
+            )
+        return None
 
     def _set_paused(self, paused: bool, why: str) -> None:
         if paused == self._paused:

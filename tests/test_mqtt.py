@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import signal
 import socket
 import ssl
 import threading
@@ -13,11 +15,33 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
+from ingest.app import Daemon
+from ingest.config import Settings
 from ingest.errors import BrokerError, CredentialError
-from ingest.mqtt import Delivery, MqttOptions, MqttSession, probe_tls12
+from ingest.mqtt import (
+    CAUSE_SESSION_PRESENT,
+    CAUSE_STOPPING,
+    Delivery,
+    MqttOptions,
+    ReceiveSession,
+    is_connection_loss,
+    probe_tls12,
+)
+from ingest.mqtt_native import NativeMqttSession, make_session
 from ingest.testing import CertBundle, MosquittoBroker, Publisher, publish_lines
 from ingest.testing.broker import free_port
+from ingest.testing.daemon import (
+    APP_ID,
+    DaemonProcess,
+    daemon_config,
+    wait_for,
+    wait_ready,
+    write_toml,
+)
+from ingest.testing.traffic import stream
+from tests.daemon_support import message_ids
 
 DEADLINE_S = 15.0
 # An MQTT 3.1.1 CONNECT: protocol "MQTT" level 4, flags 0x02 (clean session), keepalive 30 s,
@@ -40,7 +64,7 @@ class Inbox:
     def __init__(self) -> None:
         self.items: list[tuple[str, bytes, Delivery]] = []
         self._lock = threading.Lock()
-        self.auto_ack: MqttSession | None = None
+        self.auto_ack: ReceiveSession | None = None
         self.ack_results: list[bool] = []
 
     def __call__(self, topic: str, payload: bytes, delivery: Delivery) -> None:
@@ -59,9 +83,21 @@ class Inbox:
             return next(d for _, p, d in self.items if p == payload)
 
 
-@pytest.fixture(params=["3.1.1", "5"])
-def protocol(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+# Every session test runs against paho (both protocols) and the native 3.1.1 client.
+@pytest.fixture(params=["paho-3.1.1", "paho-5", "native-3.1.1"])
+def flavour(request: pytest.FixtureRequest) -> tuple[str, str]:
+    client, protocol = str(request.param).split("-")
+    return client, protocol
+
+
+@pytest.fixture
+def protocol(flavour: tuple[str, str]) -> str:
+    return flavour[1]
+
+
+@pytest.fixture
+def client(flavour: tuple[str, str]) -> str:
+    return flavour[0]
 
 
 @pytest.fixture
@@ -94,12 +130,12 @@ def make_options(
 
 
 @pytest.fixture
-def sessions() -> Iterator[Callable[..., MqttSession]]:
+def sessions(client: str) -> Iterator[Callable[..., ReceiveSession]]:
     """Creates sessions and stops every one of them after the test."""
-    made: list[MqttSession] = []
+    made: list[ReceiveSession] = []
 
-    def make(options: MqttOptions, inbox: Inbox, *, start: bool = True) -> MqttSession:
-        session = MqttSession(options, inbox)
+    def make(options: MqttOptions, inbox: Inbox, *, start: bool = True) -> ReceiveSession:
+        session = make_session(options, inbox, client=client)
         made.append(session)
         if start:
             session.start()
@@ -118,7 +154,7 @@ def test_receives_published_qos1_messages_in_order(
     broker: MosquittoBroker,
     certs: CertBundle,
     make_options: Callable[..., MqttOptions],
-    sessions: Callable[..., MqttSession],
+    sessions: Callable[..., ReceiveSession],
     prefix: str,
 ) -> None:
     inbox = Inbox()
@@ -144,7 +180,7 @@ def test_binary_payloads_and_many_topics_via_paho_publisher(
     broker: MosquittoBroker,
     certs: CertBundle,
     make_options: Callable[..., MqttOptions],
-    sessions: Callable[..., MqttSession],
+    sessions: Callable[..., ReceiveSession],
     prefix: str,
 ) -> None:
     inbox = Inbox()
@@ -163,7 +199,7 @@ def test_unacked_messages_are_redelivered_to_the_same_client_id_and_acked_ones_a
     broker: MosquittoBroker,
     certs: CertBundle,
     make_options: Callable[..., MqttOptions],
-    sessions: Callable[..., MqttSession],
+    sessions: Callable[..., ReceiveSession],
     prefix: str,
 ) -> None:
     options = make_options()
@@ -192,7 +228,7 @@ def test_session_present_skips_subscribe(
     broker: MosquittoBroker,
     certs: CertBundle,
     make_options: Callable[..., MqttOptions],
-    sessions: Callable[..., MqttSession],
+    sessions: Callable[..., ReceiveSession],
     prefix: str,
 ) -> None:
     options = make_options()
@@ -214,7 +250,7 @@ def test_no_session_on_reconnect_resubscribes(
     tmp_path: Path,
     certs: CertBundle,
     make_options: Callable[..., MqttOptions],
-    sessions: Callable[..., MqttSession],
+    sessions: Callable[..., ReceiveSession],
     prefix: str,
 ) -> None:
     with MosquittoBroker(tmp_path / "volatile", certs, persistence=False) as volatile:
@@ -235,7 +271,7 @@ def test_ack_from_an_older_connection_is_refused(
     broker: MosquittoBroker,
     certs: CertBundle,
     make_options: Callable[..., MqttOptions],
-    sessions: Callable[..., MqttSession],
+    sessions: Callable[..., ReceiveSession],
     prefix: str,
 ) -> None:
     inbox = Inbox()
@@ -261,7 +297,7 @@ def test_ack_after_stop_is_refused(
     broker: MosquittoBroker,
     certs: CertBundle,
     make_options: Callable[..., MqttOptions],
-    sessions: Callable[..., MqttSession],
+    sessions: Callable[..., ReceiveSession],
     prefix: str,
 ) -> None:
     inbox = Inbox()
@@ -322,7 +358,7 @@ def test_broker_refuses_clients_without_a_certificate_it_trusts(
 
 def test_wrong_ca_file_fails_start_up_naming_the_file(
     make_options: Callable[..., MqttOptions],
-    sessions: Callable[..., MqttSession],
+    sessions: Callable[..., ReceiveSession],
     certs: CertBundle,
 ) -> None:
     session = sessions(make_options(ca_file=certs.other_ca_file), Inbox())
@@ -334,7 +370,7 @@ def test_wrong_ca_file_fails_start_up_naming_the_file(
 
 def test_expired_client_certificate_fails_start_up(
     make_options: Callable[..., MqttOptions],
-    sessions: Callable[..., MqttSession],
+    sessions: Callable[..., ReceiveSession],
     certs: CertBundle,
 ) -> None:
     options = make_options(cert_file=certs.expired_client_cert, key_file=certs.expired_client_key)
@@ -346,7 +382,7 @@ def test_expired_client_certificate_fails_start_up(
 
 def test_client_certificate_from_another_ca_fails_start_up(
     make_options: Callable[..., MqttOptions],
-    sessions: Callable[..., MqttSession],
+    sessions: Callable[..., ReceiveSession],
     certs: CertBundle,
 ) -> None:
     options = make_options(cert_file=certs.other_client_cert, key_file=certs.other_client_key)
@@ -357,7 +393,7 @@ def test_client_certificate_from_another_ca_fails_start_up(
 
 def test_key_that_does_not_match_the_certificate_fails_at_start(
     make_options: Callable[..., MqttOptions],
-    sessions: Callable[..., MqttSession],
+    sessions: Callable[..., ReceiveSession],
     certs: CertBundle,
 ) -> None:
     session = sessions(make_options(key_file=certs.other_client_key), Inbox(), start=False)
@@ -370,7 +406,7 @@ def test_hostname_mismatch(
     tmp_path: Path,
     certs: CertBundle,
     make_options: Callable[..., MqttOptions],
-    sessions: Callable[..., MqttSession],
+    sessions: Callable[..., ReceiveSession],
     verify_hostname: bool,
 ) -> None:
     with MosquittoBroker(
@@ -390,7 +426,7 @@ def test_hostname_mismatch(
 
 def test_unreachable_broker_times_out_with_a_retriable_error(
     make_options: Callable[..., MqttOptions],
-    sessions: Callable[..., MqttSession],
+    sessions: Callable[..., ReceiveSession],
 ) -> None:
     session = sessions(make_options(port=free_port()), Inbox())
     with pytest.raises(BrokerError, match="ConnectionRefusedError") as info:
@@ -402,15 +438,18 @@ def test_unreachable_broker_times_out_with_a_retriable_error(
 
 
 def test_delivery_resumes_after_broker_crash_and_restart(
+    client: str,
     broker: MosquittoBroker,
     certs: CertBundle,
     make_options: Callable[..., MqttOptions],
-    sessions: Callable[..., MqttSession],
+    sessions: Callable[..., ReceiveSession],
     prefix: str,
 ) -> None:
     states: list[tuple[str, str]] = []
     inbox = Inbox()
-    session = MqttSession(make_options(), inbox, on_state=lambda s, d: states.append((s, d)))
+    session = make_session(
+        make_options(), inbox, on_state=lambda s, d: states.append((s, d)), client=client
+    )
     inbox.auto_ack = session
     session.start()
     try:
@@ -436,7 +475,7 @@ def test_delivery_resumes_after_broker_crash_and_restart(
 
 def test_stop_while_connected_is_prompt_and_joins_the_thread(
     make_options: Callable[..., MqttOptions],
-    sessions: Callable[..., MqttSession],
+    sessions: Callable[..., ReceiveSession],
 ) -> None:
     session = sessions(make_options(), Inbox())
     session.wait_first_connection(DEADLINE_S)
@@ -463,3 +502,132 @@ def test_tls12_probe_names_why_the_broker_hangs_up(
     )
     assert isinstance(expired, CredentialError)
     assert "expired" in str(expired)
+
+
+# -- the daemon's session metrics (fed by on_state) ------------------------------------------------
+
+
+def test_only_an_unplanned_disconnect_counts_as_a_connection_loss() -> None:
+    assert is_connection_loss("disconnected", "connection_lost")
+    assert is_connection_loss("disconnected", "server_disconnect")
+    assert not is_connection_loss("disconnected", CAUSE_STOPPING)
+    assert not is_connection_loss("connected", CAUSE_SESSION_PRESENT)
+
+
+async def test_daemon_reports_session_present_and_no_reconnect_for_a_clean_stop(
+    broker: MosquittoBroker, certs: CertBundle, tmp_path: Path
+) -> None:
+    settings = Settings.model_validate(daemon_config(broker, certs, tmp_path))
+
+    async def one_run() -> CollectorRegistry:
+        registry = CollectorRegistry()
+        daemon = Daemon(settings, registry=registry)
+        task = asyncio.create_task(daemon.run())
+        try:
+            await asyncio.wait_for(daemon.started.wait(), DEADLINE_S)
+            assert registry.get_sample_value("hm_ingest_mqtt_connected") == 1
+        finally:
+            daemon.shutdown.set()
+        assert await asyncio.wait_for(task, DEADLINE_S) == 0
+        return registry
+
+    first = await one_run()
+    assert first.get_sample_value("hm_ingest_mqtt_session_present") == 0  # a new session
+    second = await one_run()
+    assert second.get_sample_value("hm_ingest_mqtt_session_present") == 1  # kept by the broker
+    for registry in (first, second):
+        assert registry.get_sample_value("hm_ingest_mqtt_connected") == 0
+        reconnects = [
+            s
+            for metric in registry.collect()
+            if metric.name == "hm_ingest_mqtt_reconnects"
+            for s in metric.samples
+            if s.name == "hm_ingest_mqtt_reconnects_total"
+        ]
+        assert reconnects == [], f"a clean stop counted as a reconnect: {reconnects}"
+
+
+def test_keepalive_pings_hold_an_idle_connection(
+    make_options: Callable[..., MqttOptions],
+    sessions: Callable[..., ReceiveSession],
+    broker: MosquittoBroker,
+    certs: CertBundle,
+    prefix: str,
+) -> None:
+    # Mosquitto drops a client that sends nothing for 1.5 keep-alive intervals.
+    inbox = Inbox()
+    session = sessions(make_options(keepalive_s=1.0), inbox)
+    session.wait_first_connection(DEADLINE_S)
+    time.sleep(3.5)
+    assert session.connected.is_set()
+    assert session.reconnects == 0
+    publish(broker, certs, f"{prefix}/idle", [b"still there"])
+    inbox.wait_for(b"still there")
+
+
+# -- the native client through the daemon ----------------------------------------------------------
+
+
+def test_native_client_daemon_sigkill_mid_stream_loses_and_duplicates_nothing(
+    broker: MosquittoBroker,
+    certs: CertBundle,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # PUBACKs only after the log write: a daemon killed at any moment loses nothing, and what the
+    # broker redelivers is deduplicated.
+    messages = list(stream(APP_ID, 6000, seed=21))
+    tree = daemon_config(
+        broker,
+        certs,
+        tmp_path,
+        overrides={"output": {"flush_age_s": 0.3}, "mqtt": {"client": "native"}},
+    )
+    daemon = DaemonProcess(write_toml(tree, tmp_path / "c.toml"), tmp_path / "daemon.log")
+    daemon.start()
+    wait_ready(tree)
+    publisher = Publisher(broker, certs, timeout_s=300)
+    publisher.connect()
+    try:
+        for start in range(0, len(messages), 1500):
+            publisher.publish_many((m.topic, m.payload) for m in messages[start : start + 1500])
+            time.sleep(0.3)
+            daemon.kill()  # mid-receive, mid-log or mid-commit
+            daemon.start()
+        expected = {m.message_id for m in messages}
+        output = tmp_path / "data"
+        wait_for(lambda: set(message_ids(output)) >= expected, 120, "every message committed")
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(60) == 0, daemon.log_text()[-3000:]
+    finally:
+        publisher.close()
+        daemon.kill()
+    counts = message_ids(output)
+    assert set(counts) == expected
+    assert max(counts.values()) == 1, "a message was written twice"
+    assert "MQTT 3.1.1 native" in daemon.log_text()
+
+
+@pytest.mark.parametrize("flavour", [("native", "3.1.1")])
+def test_native_session_stops_reading_while_the_consumer_is_full(
+    broker: MosquittoBroker,
+    certs: CertBundle,
+    make_options: Callable[..., MqttOptions],
+    prefix: str,
+) -> None:
+    full = threading.Event()
+    full.set()
+    inbox = Inbox()
+    session = NativeMqttSession(make_options(), inbox, pause_reading=full.is_set)
+    inbox.auto_ack = session
+    session.start()
+    try:
+        session.wait_first_connection(DEADLINE_S)  # CONNACK and SUBACK are read regardless
+        publish(broker, certs, f"{prefix}/p", [b"held back"])
+        time.sleep(1.0)
+        assert inbox.payloads() == [], "read while the consumer said it was full"
+        full.clear()
+        inbox.wait_for(b"held back")
+        assert session.reconnects == 0
+    finally:
+        session.stop()

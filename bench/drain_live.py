@@ -1,0 +1,127 @@
+"""Live mode of drain_bench.py: publish at a fixed rate, measure the daemon's CPU and latency.
+
+The publisher is a paho client in the bench process, pacing QoS 1 publishes in 10 ms ticks and
+noting when each message id went out. Latency is publish time to the modification time of the
+Parquet file that holds the message's rows (written, fsynced, renamed into place), so it includes
+the batching delay of ``[output] flush_age_s``.
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+
+import paho.mqtt.client as paho
+import pyarrow.parquet as pq
+from paho.mqtt.enums import CallbackAPIVersion
+
+from bench.drain_support import BenchDaemon, proc_stats
+from ingest.testing import CertBundle, MosquittoBroker
+from ingest.testing.daemon import APP_ID
+from ingest.testing.traffic import stream
+
+TICK_S = 0.01
+WARMUP_S = 2.0
+
+
+@dataclass
+class LiveResult:
+    rate_target: int
+    rate_sent: float
+    seconds: float
+    cpu_fraction: float  # of one core, over the measured window
+    latency_p50_s: float
+    latency_p99_s: float
+    latency_max_s: float
+    messages: int
+    flush_age_s: float
+    rss_bytes: int
+
+
+def _publisher(broker: MosquittoBroker, certs: CertBundle) -> paho.Client:
+    client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="bench-live")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(str(certs.ca_file))
+    ctx.load_cert_chain(str(certs.client_cert), str(certs.client_key))
+    client.tls_set_context(ctx)
+    client.max_inflight_messages_set(2000)
+    connected = threading.Event()
+    client.on_connect = lambda *a: connected.set()
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    if not connected.wait(10):
+        raise RuntimeError("live publisher could not connect")
+    return client
+
+
+def _percentile(sorted_values: list[float], fraction: float) -> float:
+    index = min(len(sorted_values) - 1, round(fraction * (len(sorted_values) - 1)))
+    return sorted_values[index]
+
+
+def run_live(
+    broker: MosquittoBroker,
+    certs: CertBundle,
+    daemon: BenchDaemon,
+    *,
+    rate: int,
+    seconds: float,
+    vehicles: int,
+    flush_age_s: float,
+) -> LiveResult:
+    total = int(rate * (seconds + WARMUP_S))
+    messages = list(stream(APP_ID, total, vehicles=vehicles, prefix="live"))
+    sent_at: dict[str, float] = {}
+    daemon.start()
+    daemon.wait_subscribed()
+    client = _publisher(broker, certs)
+    started = time.perf_counter()
+    wall0 = time.time()
+    sent = 0
+    window: tuple[float, float] | None = None
+    cpu_start = 0.0
+    while sent < total:
+        now = time.perf_counter()
+        if window is None and now - started >= WARMUP_S:
+            window = (now, 0.0)
+            cpu_start, _ = proc_stats(daemon.pid)
+        due = min(total, int((now - started) * rate))
+        stamp = wall0 + (now - started)
+        while sent < due:
+            message = messages[sent]
+            client.publish(message.topic, message.payload, qos=1)
+            sent_at[message.message_id] = stamp
+            sent += 1
+        time.sleep(TICK_S)
+    ended = time.perf_counter()
+    cpu_end, _ = proc_stats(daemon.pid)
+    assert window is not None
+    measured = ended - window[0]
+    while daemon.committed_lsn() < total:
+        time.sleep(0.05)
+    _, peak = proc_stats(daemon.pid)
+    client.disconnect()
+    client.loop_stop()
+    daemon.stop()
+    latencies: list[float] = []
+    for path in daemon.parquet_files():
+        committed = path.stat().st_mtime
+        ids = pq.read_table(path, columns=["message_id"]).column("message_id").to_pylist()
+        for message_id in set(ids):
+            if message_id in sent_at:
+                latencies.append(committed - sent_at[message_id])
+    latencies.sort()
+    return LiveResult(
+        rate_target=rate,
+        rate_sent=total / (ended - started),
+        seconds=measured,
+        cpu_fraction=(cpu_end - cpu_start) / measured,
+        latency_p50_s=_percentile(latencies, 0.5),
+        latency_p99_s=_percentile(latencies, 0.99),
+        latency_max_s=latencies[-1],
+        messages=len(latencies),
+        flush_age_s=flush_age_s,
+        rss_bytes=peak,
+    )

@@ -1,0 +1,191 @@
+"""Intake against a real write-ahead log: the log cap counts records the sink has not committed."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from ingest.intake import Intake, IntakeLimits
+from ingest.metrics import Metrics
+from ingest.mqtt import Delivery
+from ingest.wal import Durability, LogRecord, WriteAheadLog
+
+DEADLINE_S = 10.0
+CAP = 10_000
+PAYLOAD = b"x" * 1000
+TOPIC = "live/level13/app/VIN/diagnostics/get/speed"
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {DEADLINE_S} s waiting for {what}")
+        time.sleep(0.01)
+
+
+class Harness:
+    """An intake thread on a real log; acks and hand-overs are recorded, commits are simulated."""
+
+    def __init__(
+        self, wal: WriteAheadLog, committed: int = 0, limits: IntakeLimits | None = None
+    ) -> None:
+        self.wal = wal
+        self.committed = committed
+        self.acked: list[Delivery] = []
+        self.delivered: list[LogRecord] = []
+        self.metrics = Metrics(CollectorRegistry())
+        self.intake = Intake(
+            wal,
+            ack=self._ack,
+            deliver=self.delivered.extend,
+            limits=limits or IntakeLimits(max_log_bytes=CAP),
+            metrics=self.metrics,
+            committed_lsn=lambda: self.committed,
+        )
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.intake.run, args=(self.stop,), daemon=True)
+        self.mid = 0
+
+    def _ack(self, delivery: Delivery) -> bool:
+        self.acked.append(delivery)
+        return True
+
+    def submit(self, count: int) -> None:
+        for _ in range(count):
+            self.mid += 1
+            self.intake.submit(TOPIC, PAYLOAD, Delivery(1, self.mid, 1))
+
+    def paused(self) -> bool:
+        return self.metrics.backpressure._value.get() == 1  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def wal(tmp_path: Path) -> Iterator[WriteAheadLog]:
+    # Segments far larger than the cap: everything stays in the active segment, which is never
+    # released, so the log's size on disk only grows during these tests.
+    log = WriteAheadLog.open(
+        tmp_path / "log", segment_bytes=1024 * 1024, durability=Durability.WRITE
+    )
+    yield log
+    log.close()
+
+
+@pytest.fixture
+def harness(wal: WriteAheadLog) -> Iterator[Harness]:
+    h = Harness(wal)
+    h.thread.start()
+    yield h
+    h.stop.set()
+    h.thread.join(DEADLINE_S)
+
+
+def test_acks_pause_at_the_cap_and_resume_once_committed_although_the_file_stays(
+    harness: Harness,
+) -> None:
+    harness.submit(20)  # one group of ~20 kB: logged (under the cap before), then over it
+    wait_until(lambda: len(harness.acked) == 20, "the first group to be logged and acked")
+    harness.submit(5)
+    wait_until(harness.paused, "back-pressure")
+    time.sleep(0.3)
+    assert len(harness.acked) == 20, "nothing is acknowledged while the cap is reached"
+
+    harness.committed = 20  # the sink committed everything logged so far
+    wait_until(lambda: len(harness.acked) == 25, "acks to resume")
+    assert not harness.paused()
+    # The committed records are still in the active segment: the cap must not count them.
+    assert harness.wal.size_bytes > CAP
+    assert [r.lsn for r in harness.delivered] == list(range(1, 26))
+    assert [d.mid for d in harness.acked] == list(range(1, 26))
+
+
+def test_partly_committed_log_resumes_below_the_resume_mark_only(harness: Harness) -> None:
+    # A frame is ~1.07 kB: 8 of them (8.5 kB) are under the cap but over its 80 % resume mark.
+    harness.submit(8)
+    wait_until(lambda: len(harness.acked) == 8, "the first group")
+    harness.submit(8)
+    wait_until(lambda: len(harness.acked) == 16, "the second group, logged under the cap")
+    harness.submit(3)
+    wait_until(harness.paused, "back-pressure")
+    harness.committed = 8  # 8.5 kB still uncommitted: above the resume mark, stay paused
+    time.sleep(0.3)
+    assert harness.paused()
+    assert len(harness.acked) == 16
+    harness.committed = 16
+    wait_until(lambda: len(harness.acked) == 19, "acks to resume")
+
+
+def test_records_replayed_at_start_count_until_committed(wal: WriteAheadLog) -> None:
+    wal.append_batch([(0, TOPIC, PAYLOAD)] * 20)  # logged by the last run, not committed
+    h = Harness(wal, committed=0)
+    h.thread.start()
+    try:
+        h.submit(1)
+        wait_until(h.paused, "back-pressure from the replayed records")
+        assert h.acked == []
+        h.committed = 20
+        wait_until(lambda: len(h.acked) == 1, "acks once the replayed records are committed")
+        assert h.delivered[0].lsn == 21
+    finally:
+        h.stop.set()
+        h.thread.join(DEADLINE_S)
+
+
+def test_acks_pause_while_the_sink_holds_too_much_uncommitted_payload(
+    wal: WriteAheadLog,
+) -> None:
+    # A log cap far away; the sink's in-memory share is what stops intake here.
+    h = Harness(wal, limits=IntakeLimits(max_log_bytes=1 << 30, max_pending_payload_bytes=5000))
+    h.thread.start()
+    try:
+        h.submit(6)  # 6,000 payload bytes: logged (under the limit before), then over it
+        wait_until(lambda: len(h.acked) == 6, "the first group")
+        h.submit(2)
+        wait_until(h.paused, "back-pressure from the sink's backlog")
+        time.sleep(0.3)
+        assert len(h.acked) == 6
+        h.committed = 6
+        wait_until(lambda: len(h.acked) == 8, "acks to resume once the sink committed")
+    finally:
+        h.stop.set()
+        h.thread.join(DEADLINE_S)
+
+
+def test_sized_limits_leave_room_for_one_full_batch() -> None:
+    limits = IntakeLimits.sized(max_log_bytes=1 << 29, flush_bytes=1 << 26)
+    assert limits.max_log_bytes == 1 << 29
+    assert limits.max_pending_payload_bytes is not None
+    assert limits.max_pending_payload_bytes > 1 << 26
+
+
+def test_logging_waits_while_the_sink_has_a_queue(wal: WriteAheadLog) -> None:
+    backlog = [0]
+    h = Harness(wal)
+    h.intake = Intake(
+        wal,
+        ack=h._ack,
+        deliver=h.delivered.extend,
+        limits=IntakeLimits(max_log_bytes=1 << 30),
+        metrics=h.metrics,
+        committed_lsn=lambda: h.committed,
+        sink_backlog=lambda: backlog[0],
+    )
+    h.thread = threading.Thread(target=h.intake.run, args=(h.stop,), daemon=True)
+    h.thread.start()
+    try:
+        h.submit(1)
+        wait_until(lambda: len(h.acked) == 1, "the first message")
+        backlog[0] = 4  # the sink has not taken four groups yet
+        h.submit(1)
+        wait_until(h.paused, "back-pressure from the sink's queue")
+        assert len(h.acked) == 1
+        backlog[0] = 0
+        wait_until(lambda: len(h.acked) == 2, "acks once the sink caught up")
+    finally:
+        h.stop.set()
+        h.thread.join(DEADLINE_S)
