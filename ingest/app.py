@@ -35,10 +35,18 @@ from ingest.health import HEARTBEAT_S, HealthState, stale
 from ingest.http import build_app, serve
 from ingest.intake import Intake, IntakeLimits
 from ingest.metrics import Metrics
-from ingest.mqtt import Delivery, MqttOptions, MqttSession
+from ingest.mqtt import (
+    CAUSE_SESSION_PRESENT,
+    Delivery,
+    MqttOptions,
+    ReceiveSession,
+    is_connection_loss,
+)
+from ingest.mqtt_native import make_session
 from ingest.parquet import PartitionedWriter
 from ingest.schemas import REJECTED, TELEMETRY
 from ingest.sink import FlushPolicy, Sink
+from ingest.storage import OutputStore
 from ingest.threads import run_in_thread
 from ingest.wal import Durability, WriteAheadLog
 from ingest.webhook import ClearanceChange, WebhookReceiver
@@ -63,7 +71,10 @@ def open_pipeline(settings: Settings, metrics: Metrics) -> Pipeline:
     """Open the log and state, and replay whatever the last run logged but did not commit."""
     state_dir = settings.state.path
     state_dir.mkdir(parents=True, exist_ok=True)
-    settings.output.path.mkdir(parents=True, exist_ok=True)
+    # A local folder or an object store (s3://...), same layout either way.
+    output = OutputStore.open(settings.output.path)
+    if output.local_root is not None:
+        output.local_root.mkdir(parents=True, exist_ok=True)
     checkpoints = CheckpointStore(state_dir / "checkpoint.json")
     checkpoint = checkpoints.load()
     wal = WriteAheadLog.open(
@@ -81,10 +92,10 @@ def open_pipeline(settings: Settings, metrics: Metrics) -> Pipeline:
         checkpoints=checkpoints,
         dedupe=dedupe,
         telemetry=PartitionedWriter(
-            settings.output.path, "telemetry", schema_name=TELEMETRY, compression_level=level
+            output, "telemetry", schema_name=TELEMETRY, compression_level=level
         ),
         rejected=PartitionedWriter(
-            settings.output.path, "rejected", schema_name=REJECTED, compression_level=level
+            output, "rejected", schema_name=REJECTED, compression_level=level
         ),
         decoder=Decoder(
             app_id=settings.mqtt.app_id or None,
@@ -171,7 +182,7 @@ class Daemon:
     async def _run_live(self, pipeline: Pipeline) -> int:
         settings, metrics, health = self.settings, self.metrics, self.health
         intake_stop, sink_stop = threading.Event(), threading.Event()
-        session_box: list[MqttSession] = []
+        session_box: list[ReceiveSession] = []
 
         def ack(delivery: Delivery) -> bool:
             return session_box[0].ack(delivery)
@@ -180,10 +191,21 @@ class Daemon:
             pipeline.wal,
             ack=ack,
             deliver=pipeline.sink.submit,
-            limits=IntakeLimits(max_log_bytes=settings.state.log_max_bytes),
+            limits=IntakeLimits.sized(
+                max_log_bytes=settings.state.log_max_bytes,
+                flush_bytes=settings.output.flush_bytes,
+            ),
             metrics=metrics,
+            committed_lsn=lambda: pipeline.sink.committed_lsn,
+            sink_backlog=lambda: pipeline.sink.queued_groups,
         )
-        session = MqttSession(mqtt_options(settings), intake.submit, on_state=self._on_mqtt_state)
+        session = make_session(
+            mqtt_options(settings),
+            intake.submit,
+            on_state=self._on_mqtt_state,
+            pause_reading=intake.receive_backlog_full,
+            client=settings.mqtt.client,
+        )
         session_box.append(session)
         self._register_probes(intake, pipeline.sink, session)
 
@@ -212,7 +234,7 @@ class Daemon:
         self,
         intake: Intake,
         sink: Sink,
-        session: MqttSession,
+        session: ReceiveSession,
         intake_stop: threading.Event,
         sink_stop: threading.Event,
     ) -> int:
@@ -280,13 +302,18 @@ class Daemon:
             self.health.beat()
             await asyncio.sleep(HEARTBEAT_S)
 
-    def _register_probes(self, intake: Intake, sink: Sink, session: MqttSession) -> None:
+    def _register_probes(self, intake: Intake, sink: Sink, session: ReceiveSession) -> None:
         self.health.liveness["intake"] = lambda: stale("intake thread", intake.heartbeat)
         self.health.liveness["sink"] = lambda: stale("sink thread", sink.heartbeat)
         self.health.readiness["mqtt"] = lambda: (
             None
             if session.connected.is_set() and session.subscribed.is_set()
             else f"not connected/subscribed: {session.last_error or 'connecting'}"
+        )
+        self.health.readiness["log"] = lambda: (
+            None
+            if intake.last_write_error is None
+            else f"write-ahead log not writable: {intake.last_write_error}"
         )
         self.health.readiness["sink"] = lambda: (
             None if sink.last_error is None else f"output not writable: {sink.last_error}"
@@ -296,9 +323,11 @@ class Daemon:
         metrics = self.metrics
         if state == "connected":
             metrics.connected.set(1)
+            metrics.session_present.set(1 if cause == CAUSE_SESSION_PRESENT else 0)
         elif state == "disconnected":
             metrics.connected.set(0)
-            metrics.reconnects.labels(cause).inc()
+            if is_connection_loss(state, cause):  # a clean stop is not a reconnect
+                metrics.reconnects.labels(cause).inc()
 
 
 async def run_daemon(settings: Settings, shutdown: asyncio.Event) -> int:

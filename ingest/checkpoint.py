@@ -31,6 +31,7 @@ from typing import Any
 import orjson
 
 from ingest.errors import LogCorruptError, LogError
+from ingest.testing import faultpoints
 
 FORMAT_VERSION = 1
 
@@ -127,6 +128,8 @@ class CheckpointStore:
                 file.write(_encode(checkpoint))
                 file.flush()
                 os.fsync(file.fileno())
+            if faultpoints.ACTIVE:
+                faultpoints.hit("checkpoint.temp_written")
             os.replace(temp, self._path)
             folder = os.open(self._path.parent, os.O_RDONLY)
             try:

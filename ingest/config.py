@@ -14,17 +14,20 @@ import tomllib
 from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
     ValidationError,
+    model_validator,
 )
 
 from ingest.errors import ConfigError
+from ingest.storage.location import is_uri, parse_output_path
 
 ENV_PREFIX = "HM_INGEST_"
 MIB = 1024 * 1024
@@ -52,6 +55,7 @@ class MqttSettings(_Section):
     cert_file: Path | None = None
     key_file: Path | None = None
     protocol: Literal["3.1.1", "5"] = "3.1.1"
+    client: Literal["paho", "native"] = "paho"
     keepalive_s: float = Field(30.0, gt=0)
     session_expiry_s: int = Field(7 * 86400, gt=0)
     receive_maximum: int = Field(100, ge=1, le=65535)
@@ -64,6 +68,15 @@ class MqttSettings(_Section):
     def resolved_topic(self) -> str:
         return self.topic.format(app_id=self.app_id)
 
+    @model_validator(mode="after")
+    def _native_client_speaks_3_1_1(self) -> MqttSettings:
+        if self.client == "native" and self.protocol != "3.1.1":
+            raise ValueError(
+                "client = 'native' speaks MQTT 3.1.1 only; "
+                "set protocol = '3.1.1' or client = 'paho'"
+            )
+        return self
+
 
 class Durability(StrEnum):
     FSYNC = "fsync"
@@ -71,7 +84,9 @@ class Durability(StrEnum):
 
 
 class OutputSettings(_Section):
-    path: Path = Path("./data")
+    # A local folder (a Path) or an object-store URI kept as a string: s3://bucket/prefix, gs://,
+    # abfs:// (ingest.storage). Credentials come from the provider's standard environment/files.
+    path: Annotated[Path | str, BeforeValidator(parse_output_path)] = Path("./data")
     flush_rows: int = Field(250_000, ge=1)
     flush_bytes: int = Field(64 * MIB, ge=1024)
     flush_age_s: float = Field(60.0, gt=0)
@@ -247,7 +262,8 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         if not isinstance(section, dict):
             continue
         for key, value in section.items():
-            if (name, key) in _PATH_KEYS and isinstance(value, str) and value:
+            # An object-store URI is not relative to anything (and Path() would mangle "//").
+            if (name, key) in _PATH_KEYS and isinstance(value, str) and value and not is_uri(value):
                 candidate = Path(value).expanduser()
                 # Store the expanded path too: pydantic does not expand "~" itself.
                 section[key] = str(candidate if candidate.is_absolute() else base / candidate)

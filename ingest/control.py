@@ -25,6 +25,7 @@ from ingest.fleet.reconcile import Reconciler
 from ingest.fleet.store import STORE_FILE, ClearanceStateStore
 from ingest.hmapi import HmApiClient
 from ingest.metrics import Metrics
+from ingest.storage import OutputStore
 from ingest.webhook import ClearanceChange
 
 log = logging.getLogger("ingest.control")
@@ -44,7 +45,9 @@ class FleetControl:
         client = build_api_client(settings.api, metrics=metrics)
         store = ClearanceStateStore(settings.state.path / STORE_FILE)
         history = TransitionHistory(
-            store, settings.output.path, compression_level=settings.output.compression_level
+            store,
+            OutputStore.open(settings.output.path),
+            compression_level=settings.output.compression_level,
         )
         reconciler = Reconciler(
             client,

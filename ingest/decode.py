@@ -20,8 +20,9 @@ Reason codes (``Rejection.reason``; the ``rejected`` table's ``reason`` column):
                          ``application_id``
 ``invalid_vin``          a V2 payload's ``vin`` is not 17 upper-case letters and digits
 ``malformed_item``       ``data`` does not have the capability → property → item(s) shape, an item
-                         is not an object, its ``timestamp`` is not ISO 8601, or its ``failure`` /
-                         ``availability`` is not an object
+                         is not an object, its ``timestamp`` is not ISO 8601, its ``failure`` /
+                         ``availability`` is not an object, or its ``data`` / ``availability`` is
+                         nested more than 254 levels deep (too deep to store as JSON text)
 ``decoder_error``        a bug in this module: the message is quarantined rather than crashing
                          the daemon into a restart loop on the same logged message
 =======================  ===========================================================================
@@ -169,7 +170,10 @@ class _Reject(Exception):
 
 def _show(value: Any) -> str:
     """A short rendering of an offending value for a rejection detail."""
-    text = repr(value) if isinstance(value, str) else orjson.dumps(value).decode()
+    try:
+        text = repr(value) if isinstance(value, str) else orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:  # nested deeper than orjson encodes
+        text = f"a {_kind(value)} nested too deeply to show"
     return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
 
 
@@ -223,6 +227,25 @@ def parse_timestamp_ms(text: str) -> int | None:
     return seconds * 1000 + millis
 
 
+# orjson parses documents up to 1024 levels deep but encodes only up to this many: a value that
+# parsed can still be too deep to store as JSON text.
+_MAX_ENCODE_DEPTH: Final = 254
+
+
+def _item_json(value: Any, capability: str, prop: str, list_index: int, field: str) -> str:
+    """``value`` as JSON text with sorted keys; too deeply nested is a malformed item."""
+    try:
+        return orjson.dumps(value, option=_SORTED).decode()
+    except orjson.JSONEncodeError:
+        raise _item_error(
+            capability,
+            prop,
+            list_index,
+            field,
+            f"nested more than {_MAX_ENCODE_DEPTH} levels deep",
+        ) from None
+
+
 def _item_error(capability: str, prop: str, index: int, field: str | None, problem: str) -> _Reject:
     where = f"data.{capability}.{prop}" + (f"[{index}]" if index >= 0 else "")
     if field:
@@ -270,7 +293,7 @@ def _item_values(item: Any, capability: str, prop: str, list_index: int) -> _Val
         number = float(data["value"])
         unit = data["unit"]
     else:
-        as_json = orjson.dumps(data, option=_SORTED).decode()
+        as_json = _item_json(data, capability, prop, list_index, "data")
 
     timestamp: int | None = None
     raw_timestamp = get("timestamp")
@@ -313,7 +336,7 @@ def _item_values(item: Any, capability: str, prop: str, list_index: int) -> _Val
                 "availability",
                 f"expected an object, got {_kind(availability)}",
             )
-        availability_json = orjson.dumps(availability, option=_SORTED).decode()
+        availability_json = _item_json(availability, capability, prop, list_index, "availability")
 
     return (
         timestamp,

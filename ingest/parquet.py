@@ -9,7 +9,9 @@ The name depends only on the batch, and the content only on the rows and the lib
 batch replayed after a crash overwrites its earlier files with identical ones instead of adding a
 second copy (see ``ingest.checkpoint`` for the protocol). Each file is written under a temporary
 name that analytics engines skip (a leading ``.``), fsynced, renamed over the final name, and the
-folder is fsynced so the rename itself survives a power loss.
+folder is fsynced so the rename itself survives a power loss. On an object store (``root`` an
+:class:`~ingest.storage.OutputStore` for ``s3://...``) each file is encoded in memory and uploaded
+as one complete object under its final name instead: stores publish an object whole or not at all.
 
 One writer per ``<root>/<table>``: temporary names are fixed per batch, so two processes writing
 the same batch into the same folder would trample each other's temporary file.
@@ -26,7 +28,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, timedelta
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath
 from typing import Any
 
 import pyarrow as pa
@@ -35,6 +37,8 @@ import pyarrow.parquet as pq
 
 from ingest import schemas
 from ingest.errors import SinkError
+from ingest.storage.store import OutputStore
+from ingest.testing import faultpoints
 
 # Twenty digits hold any unsigned 64-bit LSN, so names sort by LSN as plain strings.
 LSN_DIGITS = 20
@@ -53,7 +57,7 @@ _PERMANENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 class WrittenFile:
     """One committed Parquet file: where it is, its rows and bytes, and its partition folder."""
 
-    path: Path
+    path: PurePath  # a Path for local roots; the store's path ("bucket/prefix/...") otherwise
     rows: int
     bytes: int
     partition: str
@@ -84,12 +88,13 @@ def partition_name(day: date) -> str:
 class PartitionedWriter:
     """Writes batches of table ``table`` under ``root`` with the schema ``schema_name``.
 
-    ``root`` and ``table`` stay readable: the dataset is the folder ``root / table``.
+    ``root`` and ``table`` stay readable: the dataset is the folder ``root / table``. ``root`` is
+    a local folder, or an :class:`~ingest.storage.OutputStore` (local or object store).
     """
 
     def __init__(
         self,
-        root: Path,
+        root: Path | OutputStore,
         table: str,
         *,
         schema_name: str,
@@ -97,9 +102,10 @@ class PartitionedWriter:
         compression_level: int = 3,
         row_group_rows: int = 128 * 1024,
     ) -> None:
-        self.root = Path(root)
+        # Object stores take whole-object uploads; local folders the fsync + rename path below.
+        self.root, self._remote = _split_root(root)
         self.table = table
-        self._folder = self.root / table
+        self._folder = Path(self.root) / table  # used for local roots only
         self._schema = schemas.arrow_schema(schema_name)
         self._dictionary = list(schemas.dictionary_columns(schema_name))
         self._compression = compression
@@ -131,15 +137,60 @@ class PartitionedWriter:
         for day_number in sorted(pc.unique(days).to_pylist()):
             rows = table.filter(pc.equal(days, day_number))
             partition = partition_name(_EPOCH + timedelta(days=day_number))
-            written.append(self._write_file(rows, self._folder / partition / name, partition))
+            if self._remote is not None:
+                written.append(self._upload_file(rows, self._remote, partition, name))
+            else:
+                written.append(self._write_file(rows, self._folder / partition / name, partition))
         return written
+
+    def partitions_of(
+        self,
+        columns: dict[str, list[Any]] | pa.Table,
+        *,
+        date_column: str,
+        fallback_date_column: str | None = None,
+    ) -> list[str]:
+        """The partition folders :meth:`write` would put these rows in, in order; writes none."""
+        table = self._to_table(columns)
+        if table.num_rows == 0:
+            return []
+        days = self._days(table, date_column, fallback_date_column)
+        return [
+            partition_name(_EPOCH + timedelta(days=day))
+            for day in sorted(pc.unique(days).to_pylist())
+        ]
+
+    def remove_batch(self, first_lsn: int, last_lsn: int) -> int:
+        """Delete batch ``[first_lsn, last_lsn]``'s files in every partition; returns how many.
+
+        A replayed intent calls this before writing the batch again, so files an interrupted
+        attempt left in partitions the replay no longer writes to cannot stay behind.
+        """
+        name = part_file_name(first_lsn, last_lsn)
+        if self._remote is not None:
+            store = self._remote
+            folders = store.list_folders(store.join(self.table))
+            return store.delete(store.existing([f"{folder}/{name}" for folder in folders]))
+        removed = 0
+        for path in self._folder.glob(f"*/{name}"):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise _sink_error("could not remove", path, exc) from exc
+            removed += 1
+        return removed
 
     def remove_temporaries(self) -> int:
         """Delete temporary files a crash left under ``<root>/<table>/``; returns how many.
 
         Not fsynced: a temporary file that reappears after a power loss is ignored by readers
-        and removed again at the next start.
+        and removed again at the next start. Object stores have none: an upload cut short leaves
+        no object.
         """
+        if self._remote is not None:
+            return 0
         removed = 0
         for path in self._temporaries():
             try:
@@ -206,19 +257,16 @@ class PartitionedWriter:
         temp = path.with_name(TEMP_PREFIX + path.name + TEMP_SUFFIX)
         try:
             _make_folders(path.parent)
-            pq.write_table(
-                rows,
-                temp,
-                row_group_size=self._row_group_rows,
-                compression=self._compression,
-                compression_level=self._compression_level,
-                use_dictionary=self._dictionary,
-            )
+            self._encode(rows, temp)
+            if faultpoints.ACTIVE:
+                faultpoints.hit("parquet.temp_written")
             _fsync_path(temp)
             size = temp.stat().st_size
             # os.replace, not link/rename-if-absent: a replayed batch overwrites its identical
             # earlier file, which is exactly what makes replays idempotent.
             os.replace(temp, path)
+            if faultpoints.ACTIVE:
+                faultpoints.hit("parquet.renamed")
             _fsync_path(path.parent)
         except OSError as exc:
             # The folder itself may be what is broken (gone, a file, read-only): the temporary
@@ -227,6 +275,45 @@ class PartitionedWriter:
                 temp.unlink(missing_ok=True)
             raise _sink_error("could not write Parquet file", path, exc) from exc
         return WrittenFile(path=path, rows=rows.num_rows, bytes=size, partition=partition)
+
+    def _upload_file(
+        self, rows: pa.Table, store: OutputStore, partition: str, name: str
+    ) -> WrittenFile:
+        """Encode in memory, then one upload of the complete object under its final name."""
+        path = store.join(self.table, partition, name)
+        buffer = pa.BufferOutputStream()
+        self._encode(rows, buffer)
+        data = buffer.getvalue()
+        try:
+            if faultpoints.ACTIVE:
+                faultpoints.hit("parquet.temp_written")
+        except OSError as exc:
+            raise _sink_error("could not write Parquet file", Path(path), exc) from exc
+        store.put(path, data)  # SinkError (retriable) while the store is unreachable
+        if faultpoints.ACTIVE:
+            faultpoints.hit("parquet.renamed")
+        return WrittenFile(
+            path=PurePosixPath(path), rows=rows.num_rows, bytes=data.size, partition=partition
+        )
+
+    def _encode(self, rows: pa.Table, where: Path | pa.NativeFile) -> None:
+        pq.write_table(
+            rows,
+            where,
+            row_group_size=self._row_group_rows,
+            compression=self._compression,
+            compression_level=self._compression_level,
+            use_dictionary=self._dictionary,
+        )
+
+
+def _split_root(root: Path | OutputStore) -> tuple[PurePath, OutputStore | None]:
+    """The root's path, and the object store to upload to (None for a local folder)."""
+    if not isinstance(root, OutputStore):
+        return Path(root), None
+    if root.local_root is not None:
+        return root.local_root, None
+    return PurePosixPath(root.base), root
 
 
 def _make_folders(folder: Path) -> None:

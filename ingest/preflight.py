@@ -21,9 +21,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from ingest.config import Settings, env_name
-from ingest.errors import ConfigError, CredentialError
+from ingest.errors import ConfigError, CredentialError, SinkError
 from ingest.fleet.apiclient import auth_settings
 from ingest.fleet.desired import load_desired_fleet
+from ingest.storage import OutputStore
 
 EXPIRY_WARNING = dt.timedelta(days=30)
 
@@ -189,6 +190,21 @@ def check_writable(key: str, directory: Path) -> Finding:
     return Finding(Level.OK, key, f"{directory} is writable")
 
 
+def check_output(path: Path | str) -> Finding:
+    """A local folder must be writable; an object store must take (and delete) an object."""
+    if isinstance(path, Path):
+        return check_writable("output.path", path)
+    try:
+        problem = OutputStore.open(path).probe()
+    except SinkError as exc:  # the URI itself is unusable: no retry will help
+        return Finding(Level.ERROR, "output.path", str(exc))
+    if problem is not None:
+        # Possibly an outage: `run` still starts, logs what arrives and pauses acks at the log
+        # cap until the store is back (or its credentials are fixed).
+        return Finding(Level.WARN, "output.path", problem)
+    return Finding(Level.OK, "output.path", f"{path} accepts and deletes objects")
+
+
 def check_topic(settings: Settings) -> Finding:
     mqtt = settings.mqtt
     if "{app_id}" in mqtt.topic and not mqtt.app_id:
@@ -243,7 +259,7 @@ def check_fleet(settings: Settings) -> Iterator[Finding]:
 
 def run_checks(settings: Settings) -> list[Finding]:
     findings = [check_topic(settings), *check_mqtt_credentials(settings), *check_fleet(settings)]
-    findings.append(check_writable("output.path", settings.output.path))
+    findings.append(check_output(settings.output.path))
     findings.append(check_writable("state.path", settings.state.path))
     if settings.state.log_max_bytes < 2 * settings.state.log_segment_bytes:
         findings.append(

@@ -27,9 +27,10 @@ from ingest.batch import PendingBatch, dedupe_key
 from ingest.checkpoint import Checkpoint, CheckpointStore
 from ingest.decode import Decoder
 from ingest.dedupe import DedupeIndex
-from ingest.errors import SinkError
+from ingest.errors import IngestError, SinkError
 from ingest.metrics import Metrics
-from ingest.parquet import PartitionedWriter, WrittenFile, part_file_name
+from ingest.parquet import PartitionedWriter, WrittenFile
+from ingest.testing import faultpoints
 from ingest.wal import LogRecord, WriteAheadLog
 
 log = logging.getLogger("ingest.sink")
@@ -104,6 +105,16 @@ class Sink:
         pending = checkpoint.pending
         chunk: list[LogRecord] = []
         for record in self._wal.read_from(checkpoint.committed_lsn + 1):
+            if not replayed and record.lsn != checkpoint.committed_lsn + 1:
+                # LSNs are consecutive from the checkpoint on: a gap means logged (and so
+                # acknowledged) records are gone. Replaying from here would lose them silently.
+                raise SinkError(
+                    f"the log resumes at lsn {record.lsn} but everything after lsn "
+                    f"{checkpoint.committed_lsn} must still be in it: records "
+                    f"{checkpoint.committed_lsn + 1}..{record.lsn - 1} are missing; restore the "
+                    f"log folder from a backup, or accept the loss by moving the checkpoint on",
+                    retriable=False,
+                )
             chunk.append(record)
             replayed += 1
             if pending is not None and record.lsn == pending.last_lsn:
@@ -131,6 +142,11 @@ class Sink:
     # -- intake thread ----------------------------------------------------------------------------
     def submit(self, records: list[LogRecord]) -> None:
         self._queue.put(records)
+
+    @property
+    def queued_groups(self) -> int:
+        """Logged groups handed over but not yet taken up: intake pauses when too many wait."""
+        return self._queue.qsize()
 
     # -- sink thread ------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -225,7 +241,11 @@ class Sink:
         while True:
             try:
                 self._commit(batch, replaying_intent=replaying_intent)
-            except SinkError as exc:
+            except IngestError as exc:
+                # Not only SinkError (Parquet): the checkpoint and the dedupe index live on a disk
+                # that can fill up too (LogError, retriable). Every step of _commit may be
+                # repeated: begin() accepts the same intent again, files are overwritten under the
+                # same names, record() keeps the earliest lsn.
                 if not exc.retriable:
                     raise
                 self.last_error = str(exc)
@@ -266,11 +286,24 @@ class Sink:
         written += self._rejected.write(
             batch.rejected.table(), first_lsn=first, last_lsn=last, date_column="received_at"
         )
+        if faultpoints.ACTIVE:
+            faultpoints.hit("sink.files_written")
         self._dedupe.record([(key, lsn, batch.seen_at_us[key]) for key, lsn in batch.seen.items()])
+        if faultpoints.ACTIVE:
+            faultpoints.hit("sink.dedupe_recorded")
         self._checkpoints.commit(last)
         self.committed_lsn = last
-        self._prune_dedupe_index()
-        self._wal.release_through(last)
+        if faultpoints.ACTIVE:
+            faultpoints.hit("sink.committed")
+        # The batch is committed: nothing below may fail the commit, or the retry would begin()
+        # a batch at or below committed_lsn. What is not done now is done after the next commit.
+        try:
+            self._prune_dedupe_index()
+            self._wal.release_through(last)
+        except IngestError as exc:
+            log.warning(
+                "after committing lsn %d..%d: %s; retried after the next commit", first, last, exc
+            )
         self._account(batch, written)
         self._metrics.flush_duration.observe(time.perf_counter() - started)
 
@@ -290,10 +323,8 @@ class Sink:
 
     def _remove_range(self, first: int, last: int) -> None:
         """Delete the files an interrupted attempt at this exact range may have left."""
-        name = part_file_name(first, last)
         for writer in (self._telemetry, self._rejected):
-            for path in (writer.root / writer.table).glob(f"*/{name}"):
-                path.unlink()
+            writer.remove_batch(first, last)  # local folder or object store alike
 
     def _account(self, batch: PendingBatch, written: list[WrittenFile]) -> None:
         metrics = self._metrics

@@ -55,6 +55,7 @@ from types import TracebackType
 from typing import BinaryIO, Self
 
 from ingest.errors import LogCorruptError, LogError
+from ingest.testing import faultpoints
 
 log = logging.getLogger(__name__)
 
@@ -381,6 +382,8 @@ class WriteAheadLog:
                         os.close(segment.fd)
                         segment.fd = None
                 self._next_lsn = last_lsn + 1
+            if faultpoints.ACTIVE:
+                faultpoints.hit("wal.logged")
             return first_lsn, last_lsn
 
     def _plan(self, entries: Sequence[tuple[int, str, bytes]], lsn: int) -> list[_Chunk]:
@@ -440,7 +443,11 @@ class WriteAheadLog:
             else:
                 touched.append((chunk.segment, chunk.segment.size))
             assert chunk.segment.fd is not None
-            _write_all(chunk.segment.fd, b"".join(chunk.parts))
+            data = b"".join(chunk.parts)
+            if faultpoints.ACTIVE and faultpoints.crash_due("wal.torn_write"):
+                _write_all(chunk.segment.fd, data[: len(data) // 2])
+                faultpoints.crash()
+            _write_all(chunk.segment.fd, data)
             previous = chunk.segment
         if previous is not None and self._fsync:
             self._sync(previous)
@@ -525,7 +532,13 @@ class WriteAheadLog:
         The active (last) segment is never deleted. Safe to call from another thread.
         """
         with self._release_lock:
-            with self._lock:
+            # The append lock too: an append that spills into a new segment adds it to
+            # _segments before it writes, and records the older segment's new last_lsn only
+            # after. In between, that older segment looks fully released (its last_lsn is
+            # stale) while records being acknowledged are written into it. Waiting for the
+            # append (one group commit at most) keeps every last_lsn true; the unlinking
+            # below needs no append lock, since appends never touch a non-last segment again.
+            with self._append_lock, self._lock:
                 victims: list[_Segment] = []
                 while len(self._segments) > 1 and (self._segments[0].last_lsn or 0) <= lsn:
                     victims.append(self._segments.pop(0))

@@ -132,7 +132,7 @@ def _scrape(daemon: Daemon, name: str) -> float:
     raise AssertionError(f"metric {name} not found")
 
 
-async def test_full_log_pauses_acks_and_recovers_when_output_is_writable_again(
+async def test_unwritable_output_pauses_acks_and_recovers_when_writable_again(
     broker: MosquittoBroker, certs: CertBundle, tmp_path: Path
 ) -> None:
     messages = list(stream(APP_ID, 3000, seed=5))
@@ -155,8 +155,9 @@ async def test_full_log_pauses_acks_and_recovers_when_output_is_writable_again(
         infos = [publisher._client.publish(m.topic, m.payload, 1) for m in messages]
         wait_for(lambda: _scrape(daemon, "hm_ingest_backpressure_active") == 1, 30, "back-pressure")
         acked = _scrape(daemon, "hm_ingest_messages_acked_total")
-        assert acked < len(messages), "acks must stop while the log is full"
-        assert _scrape(daemon, "hm_ingest_log_bytes") >= 1024 * 1024 * 0.8
+        # Whichever cap engages first (the sink's queue of logged groups, or the log's 1 MiB of
+        # uncommitted records: tests/test_intake.py covers each), acks stop well short of all.
+        assert acked < len(messages), "acks must stop while the output cannot be written"
         blocker.unlink()
         wait_for(lambda: all(i.is_published() for i in infos), 60, "the broker to take all")
         wait_for(

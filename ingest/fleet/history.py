@@ -27,6 +27,7 @@ from typing import Any
 
 from ingest.fleet.store import ClearanceStateStore, ExportBatch, Transition, to_micros
 from ingest.parquet import PartitionedWriter, WrittenFile
+from ingest.storage import OutputStore
 
 log = logging.getLogger("ingest.fleet.history")
 
@@ -43,7 +44,7 @@ class TransitionHistory:
     def __init__(
         self,
         store: ClearanceStateStore,
-        output_root: Path,
+        output_root: Path | OutputStore,
         *,
         compression_level: int = 3,
         batch_rows: int = EXPORT_BATCH_ROWS,
