@@ -1,9 +1,9 @@
 # hm-fleet-ingest: every target uses .venv/bin/ directly, so nothing needs activating.
 #
-#   make run-local   install, then run the daemon end to end on this machine (scripts/run-local.sh)
+#   make demo        install, then run the whole system on this machine (hm-ingest demo)
 #   make check       install, then lint, types and tests: the project's test command (CI runs it)
 #   make install     .venv with the package and its dev tools, plus Mosquitto for the tests
-#   make lint | types | test | bench
+#   make lint | types | test | bench | faults
 
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -19,17 +19,18 @@ STAMP := $(VENV)/.installed
 MOSQUITTO_PACKAGES := mosquitto mosquitto-clients
 PYTEST_ARGS ?=
 
-.PHONY: help install mosquitto lint types test check run-local bench
+.PHONY: help install mosquitto lint types test check demo bench faults
 
 help:
-	@echo "make run-local  install everything and run the daemon end to end (local Mosquitto,"
-	@echo "                generated certificates, test traffic): what the README quick start runs"
+	@echo "make demo       install everything and run the whole system for a minute: local Mosquitto"
+	@echo "                (mutual TLS), HM emulator (REST + vehicle stream), the daemon; DEMO_ARGS=..."
 	@echo "make check      install, then lint + types + test (the project's test command)"
 	@echo "make install    create $(VENV), pip install -e '.[dev]', install Mosquitto if missing"
 	@echo "make lint       ruff check . && ruff format --check ."
 	@echo "make types      mypy (strict, on the ingest package)"
 	@echo "make test       python -m pytest -q"
 	@echo "make bench      drain, decoder, write-ahead log and dedupe index benchmarks (prints figures)"
+	@echo "make faults     the full fault-injection report (20 kill points; prints the table)"
 
 # Installs Mosquitto with apt-get when it is missing and we are root; otherwise says how to.
 mosquitto:
@@ -42,7 +43,7 @@ mosquitto:
 	  apt-get update -qq; \
 	  apt-get install -y -qq $(MOSQUITTO_PACKAGES) >/dev/null; \
 	else \
-	  echo "Mosquitto is missing; the tests and run-local need it. Install it with:"; \
+	  echo "Mosquitto is missing; the tests and the demo need it. Install it with:"; \
 	  echo "  sudo apt-get install -y $(MOSQUITTO_PACKAGES)   # Debian/Ubuntu"; \
 	  echo "  brew install mosquitto                           # macOS"; \
 	fi
@@ -72,16 +73,17 @@ test: $(STAMP) | mosquitto
 # fails.
 check: lint types test
 
-# What the README's quick start runs: scripts/run-local.sh starts a local Mosquitto with generated
-# certificates, runs the daemon against it and publishes a stream of test traffic.
-run-local: install
-	@if [ ! -f scripts/run-local.sh ]; then \
-	  echo "scripts/run-local.sh is missing from this checkout" >&2; exit 1; \
-	fi
-	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/run-local.sh
+# What the README's quick start runs: hm-ingest demo starts a local Mosquitto with generated
+# certificates, the HM emulator and the daemon, and prints what it wrote.
+DEMO_ARGS ?=
+demo: install
+	$(BIN)/hm-ingest demo $(DEMO_ARGS)
 
 bench: $(STAMP) | mosquitto
 	$(BIN)/python bench/drain_bench.py
 	$(BIN)/python -m bench.decode_bench
 	$(BIN)/python bench/wal_bench.py
 	$(BIN)/python bench/dedupe_bench.py
+
+faults: $(STAMP) | mosquitto
+	$(BIN)/python -m tests.faults.report --full

@@ -15,9 +15,10 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ingest import __version__, fleet_cli
+from ingest import __version__, compact, fleet_cli
 from ingest.app import run_daemon
 from ingest.config import Settings, load_settings
+from ingest.demo import cli as demo_cli
 from ingest.emulator import cli as emulator_cli
 from ingest.errors import ConfigError, CredentialError, IngestError
 from ingest.logs import configure
@@ -63,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_emulator_command(commands)
     fleet_cli.add_commands(commands)
+    compact.add_command(commands)
+    demo = commands.add_parser(
+        "demo", help="run Mosquitto, the HM emulator and the daemon here: see it all work"
+    )
+    demo_cli.add_arguments(demo)
+    demo.set_defaults(handler=demo_cli.main)
     return parser
 
 

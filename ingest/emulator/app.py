@@ -3,8 +3,8 @@
 ``EmulatorServer`` is the in-process entry point for tests (port 0 by default; read ``base_url``
 after entering). ``run_emulator`` serves until its stop event is set and prints one JSON line with
 everything a client needs: ``base_url``, ``admin_url``, ``client_id``, ``client_secret``,
-``private_key_file`` (OAuth client_assertion key), ``service_account_key_file`` and
-``webhook_secret``.
+``private_key_file`` (OAuth client_assertion key), ``service_account_key_file``,
+``webhook_secret`` and ``stream`` (the vehicle stream's settings, or null without one).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from ingest.emulator.errors import ApiFailure
 from ingest.emulator.faults import FaultInjector
 from ingest.emulator.keys import load_or_create, write_key_file
 from ingest.emulator.state import ClearanceStore
+from ingest.emulator.stream import StreamConfig, VehicleStream
+from ingest.emulator.stream import admin as stream_admin
 from ingest.emulator.tokens import TokenAuthority
 from ingest.emulator.webhooks import WebhookSender
 
@@ -80,18 +82,23 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
             await task
 
 
-def make_app(emu: Emulator) -> web.Application:
+def make_app(emu: Emulator, stream: VehicleStream | None = None) -> web.Application:
     app = web.Application(middlewares=[_errors_and_faults])
     app[EMULATOR] = emu
     auth.add_routes(app)
     routes.add_routes(app)
     admin.add_routes(app)
+    stream_admin.add_routes(app, stream)
     app.cleanup_ctx.append(_background)
     return app
 
 
 class EmulatorServer:
-    """The emulator on a real HTTP socket, as an async context manager."""
+    """The emulator on a real HTTP socket, as an async context manager.
+
+    With ``stream``, it also publishes vehicle telemetry for approved VINs (``self.stream``),
+    connected once the HTTP side is up and stopped (PUBACKs drained) before it goes down.
+    """
 
     def __init__(
         self,
@@ -101,13 +108,19 @@ class EmulatorServer:
         port: int = 0,
         config: EmulatorConfig | None = None,
         clock: Clock | None = None,
+        stream: StreamConfig | None = None,
     ) -> None:
         self.state_dir = state_dir
         self._host, self._port = host, port
         self.emulator = build_emulator(
             state_dir, config or EmulatorConfig(), clock or SystemClock()
         )
-        self._runner = web.AppRunner(make_app(self.emulator))
+        self.stream = (
+            VehicleStream(stream.settings, stream.broker, self.emulator.store, self.emulator.clock)
+            if stream is not None
+            else None
+        )
+        self._runner = web.AppRunner(make_app(self.emulator, self.stream))
         self.origin = ""
         self.key_files: dict[str, Path] = {}
 
@@ -143,6 +156,12 @@ class EmulatorServer:
         }
         if emu.config.webhook_url:
             emu.webhooks.configure(emu.config.webhook_url)
+        if self.stream is not None:
+            try:
+                await self.stream.start()
+            except BaseException:
+                await self._runner.cleanup()
+                raise
         return self
 
     async def __aexit__(
@@ -151,7 +170,11 @@ class EmulatorServer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self._runner.cleanup()
+        try:
+            if self.stream is not None:
+                await self.stream.stop()
+        finally:
+            await self._runner.cleanup()
 
     def info(self) -> dict[str, Any]:
         """What the start-up JSON line says."""
@@ -164,6 +187,17 @@ class EmulatorServer:
             "private_key_file": str(self.key_files["private_key_file"]),
             "service_account_key_file": str(self.key_files["service_account_key_file"]),
             "webhook_secret": creds.webhook_secret,
+            "stream": self._stream_info(),
+        }
+
+    def _stream_info(self) -> dict[str, Any] | None:
+        if self.stream is None:
+            return None
+        return {
+            "url": f"{self.admin_url}/stream",
+            "broker": f"{self.stream.target.host}:{self.stream.target.port}",
+            "client_id": self.stream.target.client_id,
+            **self.stream.settings.to_json(),
         }
 
 
@@ -182,10 +216,13 @@ async def run_emulator(
     config: EmulatorConfig | None = None,
     stop: asyncio.Event | None = None,
     out: TextIO = sys.stdout,
+    stream: StreamConfig | None = None,
 ) -> None:
     """Serve until ``stop`` is set (forever without one), after printing the JSON line."""
     host, port = parse_listen(api_listen)
-    async with EmulatorServer(state_dir, host=host, port=port, config=config) as server:
+    async with EmulatorServer(
+        state_dir, host=host, port=port, config=config, stream=stream
+    ) as server:
         out.write(json.dumps(server.info()) + "\n")
         out.flush()
         await (stop or asyncio.Event()).wait()

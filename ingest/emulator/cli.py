@@ -2,19 +2,41 @@
 
 The CLI module registers a sub-command with ``add_arguments(subparser)`` and awaits
 ``main(args)``; SIGINT/SIGTERM only set the stop event, and the server shuts down cleanly.
+``--mqtt-broker`` adds the vehicle stream (:mod:`ingest.emulator.stream`). Exit codes: 0 stopped
+cleanly; 1 a port in use, an unwritable state dir or an unreachable broker; 2 invalid flags.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import secrets
 import signal
 import sys
+import uuid
 from pathlib import Path
 
 from ingest.emulator.app import parse_listen, run_emulator
 from ingest.emulator.context import DEFAULT_TOKEN_TTL_S, EmulatorConfig
 from ingest.emulator.rules import ONE_DAY_S, Behaviour, Delays, Outcome, OutcomeRule
+from ingest.emulator.stream import BrokerTarget, StreamConfig, StreamConnectError, StreamSettings
+from ingest.emulator.stream.config import (
+    DEFAULT_BAD_RATE,
+    DEFAULT_DUPLICATE_RATE,
+    DEFAULT_FAILURE_RATE,
+    DEFAULT_RATE,
+    ENVIRONMENTS,
+    FORMATS,
+)
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+# Flags that only mean something with --mqtt-broker (a typo'd broker flag must not be ignored).
+STREAM_ONLY = (
+    "mqtt_ca", "mqtt_cert", "mqtt_key", "mqtt_client_id", "app_id", "stream_environment",
+    "stream_format", "stream_rate", "stream_vehicle_rate", "duplicate_rate", "bad_rate",
+    "failure_rate", "stream_seed", "stream_vehicles", "stream_paused",
+)  # fmt: skip
 
 
 def _rule(text: str) -> OutcomeRule:
@@ -49,6 +71,150 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="outcome rule, first match wins; default: '*R=rejected:vehicle_not_supported'",
     )
     parser.add_argument("--token-ttl-s", type=int, default=DEFAULT_TOKEN_TTL_S)
+    _add_stream_arguments(parser.add_argument_group("vehicle stream (needs --mqtt-broker)"))
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a probability from 0 to 1, got {text!r}")
+    return value
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of messages/s > 0, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
+def _add_stream_arguments(group: argparse._ArgumentGroup) -> None:
+    add = group.add_argument
+    add(
+        "--mqtt-broker",
+        metavar="HOST:PORT",
+        help="publish Auto API telemetry for every approved VIN to this broker (mutual TLS)",
+    )
+    add("--mqtt-ca", type=Path, metavar="FILE", help="CA that signed the broker's certificate")
+    add("--mqtt-cert", type=Path, metavar="FILE", help="client certificate (PEM)")
+    add("--mqtt-key", type=Path, metavar="FILE", help="its unencrypted private key (PEM)")
+    add("--mqtt-client-id", metavar="ID", help="default: hm-emulator-stream-<random>")
+    add("--app-id", metavar="ID", help="HM application id in the topics (required)")
+    add("--stream-environment", choices=ENVIRONMENTS, help="topic prefix (default live)")
+    add(
+        "--stream-format",
+        choices=FORMATS,
+        help="v1 per-property topics, v2 envelopes, or both at random (default both)",
+    )
+    rates = group.add_mutually_exclusive_group()
+    rates.add_argument(
+        "--stream-rate",
+        type=_positive,
+        metavar="N",
+        help=f"messages/s for the whole fleet (default {DEFAULT_RATE:g})",
+    )
+    rates.add_argument(
+        "--stream-vehicle-rate", type=_positive, metavar="N", help="messages/s per vehicle"
+    )
+    add(
+        "--duplicate-rate",
+        type=_probability,
+        metavar="P",
+        help=f"share of publishes repeating a message_id (default {DEFAULT_DUPLICATE_RATE})",
+    )
+    add(
+        "--bad-rate",
+        type=_probability,
+        metavar="P",
+        help=f"share of publishes damaged on purpose (default {DEFAULT_BAD_RATE})",
+    )
+    add(
+        "--failure-rate",
+        type=_probability,
+        metavar="P",
+        help=f"share of property items sent as a failure (default {DEFAULT_FAILURE_RATE})",
+    )
+    add("--stream-seed", type=int, metavar="N", help="reproduce a stream (default: random)")
+    add(
+        "--stream-vehicles",
+        type=_count,
+        metavar="N",
+        help="also clear N generated VINs (approved at once): a fleet for load tests",
+    )
+    add(
+        "--stream-paused",
+        action="store_true",
+        default=None,
+        help='start paused; resume with PUT /_emulator/stream {"paused": false}',
+    )
+
+
+def stream_config_from_args(args: argparse.Namespace) -> StreamConfig | None:
+    """The stream to run, or None without ``--mqtt-broker``; ValueError names a bad flag."""
+    if args.mqtt_broker is None:
+        given = [
+            f"--{name.replace('_', '-')}" for name in STREAM_ONLY if getattr(args, name) is not None
+        ]
+        if given:
+            verb = "needs" if len(given) == 1 else "need"
+            raise ValueError(f"{', '.join(given)} {verb} --mqtt-broker HOST:PORT")
+        return None
+    try:
+        host, port = parse_listen(args.mqtt_broker)
+    except ValueError:
+        raise ValueError(f"--mqtt-broker must be HOST:PORT, got {args.mqtt_broker!r}") from None
+    missing = [
+        flag
+        for flag, value in (("--mqtt-ca", args.mqtt_ca), ("--mqtt-cert", args.mqtt_cert),
+                            ("--mqtt-key", args.mqtt_key), ("--app-id", args.app_id))
+        if not value
+    ]  # fmt: skip
+    if missing:
+        raise ValueError(f"--mqtt-broker needs {', '.join(missing)} as well")
+    for flag, path in (("--mqtt-ca", args.mqtt_ca), ("--mqtt-cert", args.mqtt_cert),
+                       ("--mqtt-key", args.mqtt_key)):  # fmt: skip
+        if not path.is_file():
+            raise ValueError(f"{flag} {path}: no such file")
+    vehicle_rate = args.stream_vehicle_rate
+    settings = StreamSettings(
+        app_id=args.app_id,
+        format=args.stream_format or "both",
+        rate=None if vehicle_rate else (args.stream_rate or DEFAULT_RATE),
+        vehicle_rate=vehicle_rate,
+        duplicate_rate=_or(args.duplicate_rate, DEFAULT_DUPLICATE_RATE),
+        bad_rate=_or(args.bad_rate, DEFAULT_BAD_RATE),
+        failure_rate=_or(args.failure_rate, DEFAULT_FAILURE_RATE),
+        # A random seed by default, reported in the JSON line so a run can be reproduced.
+        seed=args.stream_seed if args.stream_seed is not None else secrets.randbelow(2**31),
+        environment=args.stream_environment or "live",
+        paused=bool(args.stream_paused),
+        vehicles=args.stream_vehicles or 0,
+    )
+    broker = BrokerTarget(
+        host,
+        port,
+        args.mqtt_ca,
+        args.mqtt_cert,
+        args.mqtt_key,
+        args.mqtt_client_id or f"hm-emulator-stream-{uuid.uuid4().hex[:8]}",
+    )
+    return StreamConfig(settings, broker)
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
 
 
 def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
@@ -64,20 +230,25 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
 async def main(args: argparse.Namespace) -> int:
     try:
         parse_listen(args.api_listen)
+        stream = stream_config_from_args(args)
     except ValueError as exc:
         print(f"hm-ingest emulator: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
         await run_emulator(
-            args.api_listen, args.state_dir, config=config_from_args(args), stop=stop
+            args.api_listen,
+            args.state_dir,
+            config=config_from_args(args),
+            stop=stop,
+            stream=stream,
         )
-    except OSError as exc:  # port in use, unwritable state dir
+    except (OSError, StreamConnectError) as exc:  # port in use, unwritable state dir, no broker
         print(f"hm-ingest emulator: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
