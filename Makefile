@@ -48,7 +48,18 @@ mosquitto:
 	  echo "  brew install mosquitto                           # macOS"; \
 	fi
 
+# Debian's and Ubuntu's python3 cannot create virtual environments without python3-venv.
 $(BIN)/python:
+	@$(PYTHON) -c "import ensurepip, venv" 2>/dev/null || { \
+	  if [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing python3-venv with apt-get"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; \
+	  else \
+	    echo "$(PYTHON) cannot create a virtual environment; install python3-venv:" >&2; \
+	    echo "  sudo apt-get install -y python3-venv" >&2; \
+	    exit 1; \
+	  fi; }
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(BIN)/python
