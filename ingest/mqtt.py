@@ -25,6 +25,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Protocol
@@ -229,15 +230,23 @@ def probe_tls12(options: MqttOptions) -> IngestError | None:
     return None
 
 
-class MqttSession:
-    """A persistent QoS 1 subscription whose PUBACKs the caller sends, in receipt order."""
+class SupervisedSession:
+    """What both receive sessions share: the session thread's reconnect loop and its bookkeeping.
+
+    It owns the public ``start()``, ``stop()`` and ``wait_first_connection()``, the capped, fully
+    jittered backoff, connection generations, the ``connected``/``subscribed`` events and the
+    ``on_state`` events. A subclass supplies the connection itself: :meth:`_prepare` (load the
+    credentials, on the caller's thread), :meth:`_connect_and_serve` (one connection from attempt
+    to loss, on the session thread) and, where it needs them, the hooks below.
+    """
 
     def __init__(
         self,
         options: MqttOptions,
         on_message: MessageHandler,
         *,
-        on_state: StateHandler | None = None,
+        on_state: StateHandler | None,
+        lock: AbstractContextManager[bool],
     ) -> None:
         self._options = options
         self._on_message = on_message
@@ -248,53 +257,30 @@ class MqttSession:
         self.reconnects = 0  # successful connections after the first
         self.subscribes = 0  # SUBSCRIBE packets sent (only when the broker had no session)
         self.last_error: str | None = None
-        # Guards generation changes against ack(). Re-entrant: if paho ever ran a callback
-        # synchronously inside client.ack(), _mark_down() on the same thread must not deadlock.
-        self._lock = threading.RLock()
+        # Guards _generation and _live_generation against ack(), and what _drop_pending() clears.
+        self._lock = lock
         self._generation = 0
         self._live_generation = 0  # generation of the open connection; 0 while down
         self._stop = threading.Event()
         self._ready_or_failed = threading.Event()
         self._fatal: IngestError | None = None
         self._started_ok = False
-        self._accepted = False  # a CONNACK accepted us since the session thread last looked
-        self._attempt_error: str | None = None  # paho's last error line in this attempt
-        self._connack_refusal: ReasonCode | None = None
-        self._subscribe_refusal: str | None = None
-        self._client: paho.Client | None = None
         self._thread: threading.Thread | None = None
 
     # -- public API -------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Build the client and start the session thread. Raises CredentialError for bad files."""
+        """Load the credentials and start the session thread. Raises CredentialError."""
         if self._thread is not None:
-            raise RuntimeError("MqttSession.start() called twice")
-        self._client = self._make_client(tls_context(self._options))
+            raise RuntimeError(f"{type(self).__name__}.start() called twice")
+        self._prepare()
         self._thread = threading.Thread(target=self._run, name="ingest-mqtt", daemon=True)
         self._thread.start()
-
-    def ack(self, delivery: Delivery) -> bool:
-        """Send the PUBACK for ``delivery`` if it arrived on the current connection."""
-        if delivery.qos == 0:
-            return False  # QoS 0 has no acknowledgement
-        with self._lock:
-            client = self._client
-            if client is None or delivery.generation != self._live_generation:
-                return False
-            # [MQTT-4.6.0-2] PUBACKs go out in the order of these calls: paho appends to one queue.
-            return client.ack(delivery.mid, delivery.qos) == MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Disconnect cleanly (the broker keeps the session) and join the thread."""
         self._stop.set()
-        with self._lock:
-            live = self._client if self._live_generation else None
-        if live is not None:
-            # Queues DISCONNECT and wakes the loop's select(); the loop thread writes it. Called
-            # outside the lock: paho may run callbacks that take it. If the connection drops
-            # meanwhile, the loop thread sees _stop and ends anyway.
-            live.disconnect()
+        self._interrupt()
         if self._thread is not None:
             self._thread.join(timeout_s)
             if self._thread.is_alive():
@@ -313,7 +299,177 @@ class MqttSession:
                 f"{timeout_s:g} s; last error: {self.last_error or 'none'}"
             )
 
+    # -- what a subclass supplies -----------------------------------------------------------
+
+    def _prepare(self) -> None:
+        """Load credentials and build what the session thread needs (caller's thread)."""
+        raise NotImplementedError
+
+    def _connect_and_serve(self) -> tuple[bool, str, IngestError | None]:
+        """One connection from attempt to loss: (accepted by the broker, cause, fatal error)."""
+        raise NotImplementedError
+
+    def _interrupt(self) -> None:
+        """Called by stop() after setting _stop: make the session thread notice it soon."""
+
+    def _drop_pending(self) -> None:
+        """Called under _lock whenever the generation changes: forget per-connection output."""
+
+    def _release(self) -> None:
+        """Called on the session thread as it ends, before the "stopped" event."""
+
+    # -- session thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        failures = 0
+        try:
+            while not self._stop.is_set():
+                self._state("connecting", "")
+                accepted, cause, fatal = self._connect_and_serve()
+                if self._stop.is_set():
+                    break
+                if accepted:  # backoff restarts after the broker accepted us
+                    failures = 0
+                self.last_error = cause
+                if fatal is not None and not self._started_ok:
+                    LOGGER.error("MQTT start-up failed: %s", fatal)
+                    self._fatal = fatal
+                    self._state(
+                        "failed", "credential" if isinstance(fatal, CredentialError) else "broker"
+                    )
+                    self._ready_or_failed.set()
+                    return
+                cap = min(
+                    self._options.reconnect_max_s, self._options.reconnect_min_s * 2**failures
+                )
+                delay = random.uniform(0, cap)  # noqa: S311 - jitter, not cryptography
+                failures += 1
+                LOGGER.warning(
+                    "MQTT reconnect attempt %d in %.2f s; cause: %s", failures, delay, cause
+                )
+                self._stop.wait(delay)
+        finally:
+            self._mark_down()
+            self._release()
+            self._state("stopped", "")
+
+    def _internal_error(self, exc: Exception) -> str:
+        """Log a bug in the connection loop; the cause to reconnect with."""
+        # A bug here must not end a daemon that runs for weeks: the caller drops the connection
+        # (unacked messages come back) and reconnects through the normal backoff.
+        LOGGER.exception("MQTT session loop failed; reconnecting")
+        return f"internal error: {type(exc).__name__}: {exc}"
+
+    def _closed_before_connack(self, detail: str) -> tuple[str, IngestError | None]:
+        """Cause and fatal error (if it will not fix itself) of a close before CONNACK."""
+        cause = f"connection closed before CONNACK: {detail}"
+        fatal = classify_tls_failure(self._options, None, detail)
+        if fatal is None and not self._started_ok:
+            fatal = probe_tls12(self._options)
+        return cause, fatal
+
+    # -- bookkeeping ------------------------------------------------------------------------
+
+    def _mark_down(self) -> None:
+        with self._lock:
+            self._live_generation = 0
+            self._drop_pending()
+        self.connected.clear()
+        self.subscribed.clear()
+
+    def _go_live(self, session_present: bool, protocol_label: str) -> None:
+        """A CONNACK accepted us: start a new generation and report "connected"."""
+        with self._lock:
+            self._generation += 1
+            self._live_generation = self._generation
+            self._drop_pending()
+        self.reconnects = self._generation - 1
+        self.session_present = session_present
+        self.connected.set()
+        LOGGER.info(
+            "MQTT connected to %s:%d as %r (MQTT %s, generation %d, session present: %s)",
+            self._options.host,
+            self._options.port,
+            self._options.client_id,
+            protocol_label,
+            self._generation,
+            session_present,
+        )
+        self._state("connected", CAUSE_SESSION_PRESENT if session_present else CAUSE_NO_SESSION)
+
+    def _mark_subscribed(self) -> None:
+        self.subscribed.set()
+        self._started_ok = True
+        self._ready_or_failed.set()
+
+    def _report_stopping(self) -> None:
+        LOGGER.info("MQTT disconnected (stopping)")
+        self._mark_down()
+        self._state("disconnected", CAUSE_STOPPING)
+
+    def _report_loss(self, detail: str, cause: str, *, last_error: str) -> None:
+        """A live connection ended without stop(): log it and report ``disconnected``."""
+        LOGGER.warning(
+            "MQTT disconnected from %s:%d: %s", self._options.host, self._options.port, detail
+        )
+        self._mark_down()
+        self.last_error = last_error
+        self._state("disconnected", cause)
+
+    def _state(self, state: str, cause: str) -> None:
+        if self._on_state is None:
+            return
+        try:
+            self._on_state(state, cause)
+        except Exception:
+            LOGGER.exception("on_state callback failed for state %r", state)
+
+
+class MqttSession(SupervisedSession):
+    """A persistent QoS 1 subscription whose PUBACKs the caller sends, in receipt order."""
+
+    def __init__(
+        self,
+        options: MqttOptions,
+        on_message: MessageHandler,
+        *,
+        on_state: StateHandler | None = None,
+    ) -> None:
+        # Re-entrant: if paho ever ran a callback synchronously inside client.ack(), _mark_down()
+        # on the same thread must not deadlock.
+        super().__init__(options, on_message, on_state=on_state, lock=threading.RLock())
+        self._accepted = False  # a CONNACK accepted us since the session thread last looked
+        self._attempt_error: str | None = None  # paho's last error line in this attempt
+        self._connack_refusal: ReasonCode | None = None
+        self._subscribe_refusal: str | None = None
+        self._client: paho.Client | None = None
+
+    # -- public API (start, stop and wait_first_connection are SupervisedSession's) ----------
+
+    def ack(self, delivery: Delivery) -> bool:
+        """Send the PUBACK for ``delivery`` if it arrived on the current connection."""
+        if delivery.qos == 0:
+            return False  # QoS 0 has no acknowledgement
+        with self._lock:
+            client = self._client
+            if client is None or delivery.generation != self._live_generation:
+                return False
+            # [MQTT-4.6.0-2] PUBACKs go out in the order of these calls: paho appends to one queue.
+            return client.ack(delivery.mid, delivery.qos) == MQTTErrorCode.MQTT_ERR_SUCCESS
+
     # -- client set-up ----------------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        self._client = self._make_client(tls_context(self._options))
+
+    def _interrupt(self) -> None:
+        with self._lock:
+            live = self._client if self._live_generation else None
+        if live is not None:
+            # Queues DISCONNECT and wakes the loop's select(); the loop thread writes it. Called
+            # outside the lock: paho may run callbacks that take it. If the connection drops
+            # meanwhile, the loop thread sees _stop and ends anyway.
+            live.disconnect()
 
     def _make_client(self, ctx: ssl.SSLContext) -> paho.Client:
         opts = self._options
@@ -366,42 +522,18 @@ class MqttSession:
 
     # -- session thread ---------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _connect_and_serve(self) -> tuple[bool, str, IngestError | None]:
         client = self._client
         assert client is not None
-        failures = 0
-        try:
-            while not self._stop.is_set():
-                self._state("connecting", "")
-                cause, fatal = self._connect_and_serve(client)
-                if self._stop.is_set():
-                    break
-                if self._accepted:  # backoff restarts after the broker accepted us
-                    failures, self._accepted = 0, False
-                self.last_error = cause
-                if fatal is not None and not self._started_ok:
-                    LOGGER.error("MQTT start-up failed: %s", fatal)
-                    self._fatal = fatal
-                    self._state(
-                        "failed", "credential" if isinstance(fatal, CredentialError) else "broker"
-                    )
-                    self._ready_or_failed.set()
-                    return
-                cap = min(
-                    self._options.reconnect_max_s, self._options.reconnect_min_s * 2**failures
-                )
-                delay = random.uniform(0, cap)  # noqa: S311 - jitter, not cryptography
-                failures += 1
-                LOGGER.warning(
-                    "MQTT reconnect attempt %d in %.2f s; cause: %s", failures, delay, cause
-                )
-                self._stop.wait(delay)
-        finally:
-            self._mark_down()
-            self._state("stopped", "")
+        cause, fatal = self._attempt(client)
+        # paho's on_connect reports acceptance; take it for this attempt.
+        accepted, self._accepted = self._accepted, False
+        return accepted, cause, fatal
 
-    def _connect_and_serve(self, client: paho.Client) -> tuple[str, IngestError | None]:
+    def _attempt(self, client: paho.Client) -> tuple[str, IngestError | None]:
         """One connection from attempt to loss. Returns its cause and a fatal error if any."""
+        # Before paho's reconnect() clears its outgoing queue: an ack that passed the generation
+        # check has been queued already (and is dropped with the dead connection); later ones fail.
         self._mark_down()
         self._attempt_error = None
         self._connack_refusal = None
@@ -414,10 +546,7 @@ class MqttSession:
         try:
             return self._serve(client)
         except Exception as exc:
-            # A bug here must not end a daemon that runs for weeks: drop the connection (unacked
-            # messages come back) and reconnect through the normal backoff.
-            LOGGER.exception("MQTT session loop failed; reconnecting")
-            return f"internal error: {type(exc).__name__}: {exc}", None
+            return self._internal_error(exc), None
 
     def _serve(self, client: paho.Client) -> tuple[str, IngestError | None]:
         connack_deadline = time.monotonic() + CONNACK_TIMEOUT_S
@@ -454,11 +583,7 @@ class MqttSession:
         detail = self._attempt_error or paho.error_string(rc)
         if ever_live:
             return f"connection lost: {detail}", None
-        cause = f"connection closed before CONNACK: {detail}"
-        fatal = classify_tls_failure(self._options, None, detail)
-        if fatal is None and not self._started_ok:
-            fatal = probe_tls12(self._options)
-        return cause, fatal
+        return self._closed_before_connack(detail)
 
     def _drain_disconnect(self, client: paho.Client) -> None:
         # stop() queued DISCONNECT if connected; otherwise it is queued here. The loop then writes
@@ -469,22 +594,6 @@ class MqttSession:
         while client.socket() is not None and time.monotonic() < deadline:
             if client.loop(LOOP_TIMEOUT_S) != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 break
-
-    def _mark_down(self) -> None:
-        # Before paho's reconnect() clears its outgoing queue: an ack that passed the generation
-        # check has been queued already (and is dropped with the dead connection); later ones fail.
-        with self._lock:
-            self._live_generation = 0
-        self.connected.clear()
-        self.subscribed.clear()
-
-    def _state(self, state: str, cause: str) -> None:
-        if self._on_state is None:
-            return
-        try:
-            self._on_state(state, cause)
-        except Exception:
-            LOGGER.exception("on_state callback failed for state %r", state)
 
     # -- paho callbacks (all on the session thread) -----------------------------------------
 
@@ -499,25 +608,8 @@ class MqttSession:
         if reason.is_failure:
             self._connack_refusal = reason
             return
-        with self._lock:
-            self._generation += 1
-            self._live_generation = self._generation
-        self.reconnects = self._generation - 1
         self._accepted = True
-        self.session_present = flags.session_present
-        self.connected.set()
-        LOGGER.info(
-            "MQTT connected to %s:%d as %r (MQTT %s, generation %d, session present: %s)",
-            self._options.host,
-            self._options.port,
-            self._options.client_id,
-            self._options.protocol,
-            self._generation,
-            flags.session_present,
-        )
-        self._state(
-            "connected", CAUSE_SESSION_PRESENT if flags.session_present else CAUSE_NO_SESSION
-        )
+        self._go_live(flags.session_present, self._options.protocol)
         if flags.session_present:
             # The broker kept our subscription with the session [MQTT-3.1.2-4]; its queued
             # messages and unacknowledged in-flight ones follow without a SUBSCRIBE.
@@ -545,11 +637,6 @@ class MqttSession:
             return
         self._mark_subscribed()
 
-    def _mark_subscribed(self) -> None:
-        self.subscribed.set()
-        self._started_ok = True
-        self._ready_or_failed.set()
-
     def _handle_disconnect(
         self,
         _client: paho.Client,
@@ -563,17 +650,14 @@ class MqttSession:
         if not was_live:
             return  # a failed attempt: the session thread logs it with its cause
         if self._stop.is_set():
-            LOGGER.info("MQTT disconnected (stopping)")
-            self._state("disconnected", CAUSE_STOPPING)
+            self._report_stopping()
             return
         from_server = flags.is_disconnect_packet_from_server
         by = "broker sent DISCONNECT" if from_server else "connection lost"
         detail = f"{by}: {reason}" + (f" ({self._attempt_error})" if self._attempt_error else "")
-        self.last_error = detail
-        LOGGER.warning(
-            "MQTT disconnected from %s:%d: %s", self._options.host, self._options.port, detail
+        self._report_loss(
+            detail, "server_disconnect" if from_server else "connection_lost", last_error=detail
         )
-        self._state("disconnected", "server_disconnect" if from_server else "connection_lost")
 
     def _handle_message(
         self, _client: paho.Client, _userdata: Any, message: paho.MQTTMessage

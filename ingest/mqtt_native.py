@@ -9,7 +9,9 @@ and writes all PUBACKs queued since the last write in one ``send()``.
 It is a drop-in for :class:`ingest.mqtt.MqttSession` (same attributes, methods, ``on_state``
 events, generations and error messages) for what the daemon uses: MQTT 3.1.1, clean session off,
 one QoS 1 subscription, manual PUBACKs in call order, keep-alive pings and reconnect with capped,
-fully jittered backoff. MQTT 5 stays with paho.
+fully jittered backoff. MQTT 5 stays with paho. What does not depend on the wire (the reconnect
+loop, generations, ``on_state`` events, start/stop/wait) is :class:`ingest.mqtt.SupervisedSession`,
+shared with the paho session; this module keeps only the connection itself.
 
 Threads: one daemon thread does all socket I/O. ``ack()`` and ``stop()`` may be called from any
 thread; they queue bytes and wake the I/O thread through a socket pair.
@@ -20,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import random
 import select
 import socket
 import ssl
@@ -29,11 +30,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from ingest.errors import BrokerError, CredentialError, IngestError
+from ingest.errors import BrokerError, IngestError
 from ingest.mqtt import (
-    CAUSE_NO_SESSION,
-    CAUSE_SESSION_PRESENT,
-    CAUSE_STOPPING,
     CONNACK_TIMEOUT_S,
     LOOP_TIMEOUT_S,
     SOCKET_TIMEOUT_S,
@@ -44,8 +42,8 @@ from ingest.mqtt import (
     MqttSession,
     ReceiveSession,
     StateHandler,
+    SupervisedSession,
     classify_tls_failure,
-    probe_tls12,
     tls_context,
 )
 
@@ -101,7 +99,7 @@ def encode_length(value: int) -> bytes:
             return bytes(out)
 
 
-class NativeMqttSession:
+class NativeMqttSession(SupervisedSession):
     """A persistent QoS 1 subscription whose PUBACKs the caller sends, in receipt order."""
 
     def __init__(
@@ -120,40 +118,17 @@ class NativeMqttSession:
                 'set [mqtt] protocol = "3.1.1" or [mqtt] client = "paho"',
                 retriable=False,
             )
-        self._options = options
-        self._on_message = on_message
-        self._on_state = on_state
+        # A plain lock (ack() takes it per message); it also guards _outgoing and _woken.
+        super().__init__(options, on_message, on_state=on_state, lock=threading.Lock())
         self._pause_reading = pause_reading
-        self.connected = threading.Event()
-        self.subscribed = threading.Event()
-        self.session_present: bool | None = None
-        self.reconnects = 0  # successful connections after the first
-        self.subscribes = 0  # SUBSCRIBE packets sent (only when the broker had no session)
-        self.last_error: str | None = None
-        self._lock = threading.Lock()  # guards _generation, _live_generation and _outgoing
-        self._generation = 0
-        self._live_generation = 0  # generation of the open connection; 0 while down
         self._outgoing = bytearray()  # PUBACKs queued by ack(), written by the I/O thread
         self._woken = False  # a wake byte is in flight since the I/O thread last took _outgoing
-        self._stop = threading.Event()
-        self._ready_or_failed = threading.Event()
-        self._fatal: IngestError | None = None
-        self._started_ok = False
         self._ctx: ssl.SSLContext | None = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._thread: threading.Thread | None = None
 
-    # -- public API (as MqttSession) --------------------------------------------------------
-
-    def start(self) -> None:
-        """Load the credentials and start the session thread. Raises CredentialError."""
-        if self._thread is not None:
-            raise RuntimeError("NativeMqttSession.start() called twice")
-        self._ctx = tls_context(self._options)
-        self._thread = threading.Thread(target=self._run, name="ingest-mqtt", daemon=True)
-        self._thread.start()
+    # -- public API (as MqttSession; start, stop and wait_first_connection are shared) -------
 
     def ack(self, delivery: Delivery) -> bool:
         """Queue the PUBACK for ``delivery`` if it arrived on the current connection."""
@@ -170,27 +145,21 @@ class NativeMqttSession:
         self._wake()
         return True
 
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """Write queued PUBACKs, disconnect cleanly (the broker keeps the session), join."""
-        self._stop.set()
-        self._wake()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            if self._thread.is_alive():
-                LOGGER.warning("MQTT session thread still running %.1f s after stop()", timeout_s)
+    # -- SupervisedSession hooks --------------------------------------------------------------
 
-    def wait_first_connection(self, timeout_s: float) -> None:
-        """Return once connected and subscribed; raise if that fails for good or takes too long."""
-        if self._thread is None:
-            raise RuntimeError("call start() before wait_first_connection()")
-        self._ready_or_failed.wait(timeout_s)
-        if self._fatal is not None:
-            raise self._fatal
-        if not self.subscribed.is_set():
-            raise BrokerError(
-                f"no MQTT session with {self._options.host}:{self._options.port} within "
-                f"{timeout_s:g} s; last error: {self.last_error or 'none'}"
-            )
+    def _prepare(self) -> None:
+        self._ctx = tls_context(self._options)
+
+    def _interrupt(self) -> None:
+        # The I/O thread wakes, writes the queued PUBACKs, then DISCONNECT (_Connection.disconnect).
+        self._wake()
+
+    def _drop_pending(self) -> None:
+        self._outgoing.clear()  # PUBACKs for a dead connection mean nothing to the next
+
+    def _release(self) -> None:
+        self._wake_r.close()
+        self._wake_w.close()
 
     # -- session thread ---------------------------------------------------------------------
 
@@ -198,40 +167,6 @@ class NativeMqttSession:
         # BlockingIOError: the pair is full, so a wake is pending anyway. OSError: closed.
         with contextlib.suppress(BlockingIOError, OSError):
             self._wake_w.send(b"\x00")
-
-    def _run(self) -> None:
-        failures = 0
-        try:
-            while not self._stop.is_set():
-                self._state("connecting", "")
-                accepted, cause, fatal = self._connect_and_serve()
-                if self._stop.is_set():
-                    break
-                if accepted:  # backoff restarts after the broker accepted us
-                    failures = 0
-                self.last_error = cause
-                if fatal is not None and not self._started_ok:
-                    LOGGER.error("MQTT start-up failed: %s", fatal)
-                    self._fatal = fatal
-                    self._state(
-                        "failed", "credential" if isinstance(fatal, CredentialError) else "broker"
-                    )
-                    self._ready_or_failed.set()
-                    return
-                cap = min(
-                    self._options.reconnect_max_s, self._options.reconnect_min_s * 2**failures
-                )
-                delay = random.uniform(0, cap)  # noqa: S311 - jitter, not cryptography
-                failures += 1
-                LOGGER.warning(
-                    "MQTT reconnect attempt %d in %.2f s; cause: %s", failures, delay, cause
-                )
-                self._stop.wait(delay)
-        finally:
-            self._mark_down()
-            self._wake_r.close()
-            self._wake_w.close()
-            self._state("stopped", "")
 
     def _connect_and_serve(self) -> tuple[bool, str, IngestError | None]:
         """One connection from attempt to loss: (accepted by the broker, cause, fatal error)."""
@@ -252,43 +187,10 @@ class NativeMqttSession:
         try:
             return connection.serve()
         except Exception as exc:
-            # A bug here must not end a daemon that runs for weeks: drop the connection (unacked
-            # messages come back) and reconnect through the normal backoff.
-            LOGGER.exception("MQTT session loop failed; reconnecting")
-            return connection.accepted, f"internal error: {type(exc).__name__}: {exc}", None
+            return connection.accepted, self._internal_error(exc), None
         finally:
             self._mark_down()
             sock.close()
-
-    def _mark_down(self) -> None:
-        with self._lock:
-            self._live_generation = 0
-            self._outgoing.clear()  # PUBACKs for a dead connection mean nothing to the next
-        self.connected.clear()
-        self.subscribed.clear()
-
-    def _go_live(self, session_present: bool) -> None:
-        with self._lock:
-            self._generation += 1
-            self._live_generation = self._generation
-            self._outgoing.clear()
-        self.reconnects = self._generation - 1
-        self.session_present = session_present
-        self.connected.set()
-        LOGGER.info(
-            "MQTT connected to %s:%d as %r (MQTT 3.1.1 native, generation %d, session present: %s)",
-            self._options.host,
-            self._options.port,
-            self._options.client_id,
-            self._generation,
-            session_present,
-        )
-        self._state("connected", CAUSE_SESSION_PRESENT if session_present else CAUSE_NO_SESSION)
-
-    def _mark_subscribed(self) -> None:
-        self.subscribed.set()
-        self._started_ok = True
-        self._ready_or_failed.set()
 
     def _reading_paused(self) -> bool:
         return self._pause_reading is not None and self._pause_reading()
@@ -299,14 +201,6 @@ class NativeMqttSession:
             self._outgoing.clear()
             self._woken = False
         return data
-
-    def _state(self, state: str, cause: str) -> None:
-        if self._on_state is None:
-            return
-        try:
-            self._on_state(state, cause)
-        except Exception:
-            LOGGER.exception("on_state callback failed for state %r", state)
 
 
 class _Connection:
@@ -473,7 +367,7 @@ class _Connection:
             return
         self.accepted = True
         session = self.session
-        session._go_live(session_present)
+        session._go_live(session_present, "3.1.1 native")
         self.generation = session._generation
         if session_present:
             # The broker kept our subscription with the session [MQTT-3.1.2-4].
@@ -568,26 +462,14 @@ class _Connection:
         except (OSError, ValueError):
             pass  # the broker may close first; the session is kept either way
         if self.accepted:
-            LOGGER.info("MQTT disconnected (stopping)")
-            self.session._mark_down()
-            self.session._state("disconnected", CAUSE_STOPPING)
+            self.session._report_stopping()
 
     def lost(self, detail: str) -> tuple[bool, str, IngestError | None]:
-        session = self.session
         if self.accepted:
             cause = f"connection lost: {detail}"
-            LOGGER.warning(
-                "MQTT disconnected from %s:%d: %s", self.options.host, self.options.port, detail
-            )
-            session._mark_down()
-            session.last_error = cause
-            session._state("disconnected", "connection_lost")
+            self.session._report_loss(detail, "connection_lost", last_error=cause)
             return True, cause, None
-        cause = f"connection closed before CONNACK: {detail}"
-        fatal = classify_tls_failure(self.options, None, detail)
-        if fatal is None and not session._started_ok:
-            fatal = probe_tls12(self.options)
-        return False, cause, fatal
+        return (False, *self.session._closed_before_connack(detail))
 
     def failed(self, exc: ssl.SSLError, detail: str) -> tuple[bool, str, IngestError | None]:
         """A TLS error: under TLS 1.3 a rejected client certificate surfaces at the first read."""
