@@ -42,8 +42,12 @@ class FleetControl:
     @classmethod
     def open(cls, settings: Settings, metrics: Metrics) -> FleetControl:
         """Open the clearance state and the API client; raises ConfigError on bad credentials."""
-        client = build_api_client(settings.api, metrics=metrics)
         store = ClearanceStateStore(settings.state.path / STORE_FILE)
+        try:
+            client = build_api_client(settings.api, metrics=metrics)
+        except BaseException:
+            store.close()  # bad credentials stop start-up: leave no database handle open
+            raise
         history = TransitionHistory(
             store,
             OutputStore.open(settings.output.path),

@@ -24,6 +24,7 @@ import socket
 import ssl
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -230,7 +231,7 @@ def probe_tls12(options: MqttOptions) -> IngestError | None:
     return None
 
 
-class SupervisedSession:
+class SupervisedSession(ABC):
     """What both receive sessions share: the session thread's reconnect loop and its bookkeeping.
 
     It owns the public ``start()``, ``stop()`` and ``wait_first_connection()``, the capped, fully
@@ -301,21 +302,21 @@ class SupervisedSession:
 
     # -- what a subclass supplies -----------------------------------------------------------
 
+    @abstractmethod
     def _prepare(self) -> None:
         """Load credentials and build what the session thread needs (caller's thread)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _connect_and_serve(self) -> tuple[bool, str, IngestError | None]:
         """One connection from attempt to loss: (accepted by the broker, cause, fatal error)."""
-        raise NotImplementedError
 
-    def _interrupt(self) -> None:
+    def _interrupt(self) -> None:  # noqa: B027 (optional hook: nothing to do by default)
         """Called by stop() after setting _stop: make the session thread notice it soon."""
 
-    def _drop_pending(self) -> None:
+    def _drop_pending(self) -> None:  # noqa: B027 (optional hook: nothing to do by default)
         """Called under _lock whenever the generation changes: forget per-connection output."""
 
-    def _release(self) -> None:
+    def _release(self) -> None:  # noqa: B027 (optional hook: nothing to do by default)
         """Called on the session thread as it ends, before the "stopped" event."""
 
     # -- session thread ---------------------------------------------------------------------

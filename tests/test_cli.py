@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ingest import __version__
+import pytest
+
+from ingest import __version__, cli
+from ingest.errors import SinkError
 from ingest.testing.certs import CertBundle
 
 APP_ID = "cli-test-app"
@@ -179,3 +182,28 @@ def test_missing_config_file_exits_two(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "absent.toml" in result.stderr
     assert "does not exist" in result.stderr
+
+
+def test_a_pipeline_failure_inside_the_task_group_is_one_line_and_exit_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The daemon's tasks fail inside an asyncio TaskGroup, which wraps the error in a group.
+    def fail(_: object) -> int:
+        raise ExceptionGroup("unhandled errors in a TaskGroup", [SinkError("output disk gone")])
+
+    monkeypatch.setattr(cli, "_cmd_check", fail)
+    assert cli.main(["check"]) == cli.EXIT_FAILURE
+    stderr = capsys.readouterr().err
+    assert "output disk gone" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_a_bug_inside_the_task_group_still_raises_with_its_traceback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def fail(_: object) -> int:
+        raise ExceptionGroup("unhandled errors in a TaskGroup", [ZeroDivisionError("bug")])
+
+    monkeypatch.setattr(cli, "_cmd_check", fail)
+    with pytest.raises(ZeroDivisionError):
+        cli.main(["check"])

@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ingest.argtypes import positive, probability
 from ingest.demo.emulator import EmulatorError
 from ingest.demo.run import DemoError, Options, run
 from ingest.demo.workdir import WorkdirError
@@ -28,24 +29,7 @@ Install it with:
 then run the demo again (`make install` does the apt-get step when run as root)."""
 
 
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
-
-
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a probability from 0 to 1, got {text!r}")
-    return value
+_POSITIVE_NUMBER = positive("a number")
 
 
 def _vehicles(text: str) -> int:
@@ -57,7 +41,7 @@ def _vehicles(text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--duration",
-        type=_positive,
+        type=_POSITIVE_NUMBER,
         default=DEFAULTS.duration_s,
         metavar="SECONDS",
         help=f"how long the vehicles stream (default {DEFAULTS.duration_s:g}; Ctrl-C ends early)",
@@ -80,14 +64,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--rate",
-        type=_positive,
+        type=_POSITIVE_NUMBER,
         default=DEFAULTS.vehicle_rate,
         metavar="N",
         help=f"MQTT messages/s per approved vehicle (default {DEFAULTS.vehicle_rate:g})",
     )
     parser.add_argument(
         "--bad-rate",
-        type=_probability,
+        type=probability,
         default=DEFAULTS.bad_rate,
         metavar="P",
         help=f"share of messages damaged on purpose (default {DEFAULTS.bad_rate})",

@@ -16,6 +16,7 @@ import sys
 import uuid
 from pathlib import Path
 
+from ingest.argtypes import positive, probability
 from ingest.emulator.app import parse_listen, run_emulator
 from ingest.emulator.context import DEFAULT_TOKEN_TTL_S, EmulatorConfig
 from ingest.emulator.rules import ONE_DAY_S, Behaviour, Delays, Outcome, OutcomeRule
@@ -37,6 +38,9 @@ STREAM_ONLY = (
     "stream_format", "stream_rate", "stream_vehicle_rate", "duplicate_rate", "bad_rate",
     "failure_rate", "stream_seed", "stream_vehicles", "stream_paused",
 )  # fmt: skip
+
+
+_MESSAGES_PER_S = positive("a number of messages/s")
 
 
 def _rule(text: str) -> OutcomeRule:
@@ -74,26 +78,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_stream_arguments(parser.add_argument_group("vehicle stream (needs --mqtt-broker)"))
 
 
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a probability from 0 to 1, got {text!r}")
-    return value
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number of messages/s > 0, got {text!r}")
-    return value
-
-
 def _count(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
@@ -121,28 +105,28 @@ def _add_stream_arguments(group: argparse._ArgumentGroup) -> None:
     rates = group.add_mutually_exclusive_group()
     rates.add_argument(
         "--stream-rate",
-        type=_positive,
+        type=_MESSAGES_PER_S,
         metavar="N",
         help=f"messages/s for the whole fleet (default {DEFAULT_RATE:g})",
     )
     rates.add_argument(
-        "--stream-vehicle-rate", type=_positive, metavar="N", help="messages/s per vehicle"
+        "--stream-vehicle-rate", type=_MESSAGES_PER_S, metavar="N", help="messages/s per vehicle"
     )
     add(
         "--duplicate-rate",
-        type=_probability,
+        type=probability,
         metavar="P",
         help=f"share of publishes repeating a message_id (default {DEFAULT_DUPLICATE_RATE})",
     )
     add(
         "--bad-rate",
-        type=_probability,
+        type=probability,
         metavar="P",
         help=f"share of publishes damaged on purpose (default {DEFAULT_BAD_RATE})",
     )
     add(
         "--failure-rate",
-        type=_probability,
+        type=probability,
         metavar="P",
         help=f"share of property items sent as a failure (default {DEFAULT_FAILURE_RATE})",
     )
