@@ -1,7 +1,9 @@
 """``hm-ingest compact``: merge the small Parquet files of closed partitions, beside the daemon.
 
-The sink writes one file per batch and date (``part-<first>-<last>.parquet``), so a quiet fleet
-or late data leaves many small files. This command rewrites runs of them as one file per run.
+The sink writes one file per batch and date (``part-[<replica>-]<first>-<last>.parquet``), so a
+quiet fleet or late data leaves many small files. This command rewrites runs of them as one file
+per run. Replicas sharing the output number their own LSNs, so everything below happens per
+(partition, replica): a run holds one replica's files and the merged file carries its replica id.
 
 **Which files.** A partition ``date=D`` is *closed* when ``D`` is more than ``older_than_days``
 before today (UTC). Late items can still land there (their own timestamp decides the partition),
@@ -11,6 +13,18 @@ so closed is not frozen: only files whose whole range is *committed* are touched
 the pending intent, which lies above ``committed_lsn``, with ``remove_batch`` deleting exactly
 that intent's names. Anything the sink writes later has a higher range, so it sorts after every
 candidate and never falls inside a merged range.
+
+**Replicas.** The exact bound is known only for the replica whose ``[state]`` folder this command
+was given (``[replica] id`` of its settings; ``""`` for a single daemon). Other replicas' state
+folders are on their own hosts, so their bound is taken from the listing: everything below that
+replica's *newest* range in the table. This is never above its ``committed_lsn``: a replica has at
+most one batch in flight (its pending intent), that batch starts right after ``committed_lsn``
+and lies above every committed range, so if the newest range is the intent, everything below it is
+committed; if it is committed, so is everything below it. A replica's own start-up
+(``remove_temporaries``, ``remove_batch``) touches only names carrying its id, and the sink of one
+replica never writes names of another, so writers and this command only meet on one replica's
+files under the rules above. (A replica that stopped for good keeps its newest batch's files
+uncompacted.)
 
 **How.** Within a partition the candidates are sorted by LSN and cut into *consecutive* runs of up
 to ``target_bytes``; each run of two or more files is read in order and written as
@@ -34,7 +48,10 @@ merged file is complete), but a listing that runs *while* the files change may, 
 of a changing folder, miss both the new file and deleted inputs; such a query under-counts once
 and is right when rerun.
 
-One compaction at a time: ``<state>/compact.lock`` (an advisory lock) refuses a second one.
+One compaction at a time: ``<state>/compact.lock`` (an advisory lock) refuses a second one. The
+lock is in the state folder, not in the (shared) output: with replicas, run the command from one
+place only (one replica's settings, e.g. one CronJob with ``concurrencyPolicy: Forbid``), since
+two compactions would write the same merged names at once.
 """
 
 from __future__ import annotations
@@ -61,15 +78,15 @@ from ingest.errors import IngestError
 from ingest.fleet.store import STORE_FILE
 from ingest.parquet import (
     PARTITION_KEY,
-    TEMP_PREFIX,
-    TEMP_SUFFIX,
     PartitionedWriter,
+    parse_temp_file_name,
 )
 from ingest.schemas import REJECTED, TELEMETRY
 from ingest.storage import OutputStore, StoredFile
 from ingest.storage.layout import (
     OverlappingFilesError,
     PartFile,
+    by_replica,
     part_files,
     superseded,
 )
@@ -81,9 +98,6 @@ DEFAULT_OLDER_THAN_DAYS = 2
 DEFAULT_TARGET_BYTES = 128 * MIB
 LOCK_FILE = "compact.lock"
 _PARTITION = re.compile(rf"{PARTITION_KEY}=(\d{{4}}-\d{{2}}-\d{{2}})")
-_TEMPORARY = re.compile(
-    rf"{re.escape(TEMP_PREFIX)}part-\d{{20}}-(\d{{20}})\.parquet{re.escape(TEMP_SUFFIX)}"
-)
 
 
 class CompactionError(IngestError):
@@ -112,7 +126,9 @@ class TableReport:
     """What one pass did (or, with ``dry_run``, would do) to one table."""
 
     table: str
-    bound: int
+    bound: int  # this command's own replica's committed bound (from the state folder)
+    # Every replica's bound used in this pass: the own one exact, the others from the listing.
+    bounds: dict[str, int] = field(default_factory=dict)
     partitions: int = 0
     files_before: int = 0
     files_after: int = 0
@@ -179,8 +195,10 @@ class Compactor:
         *,
         compression_level: int = 3,
         today: date | None = None,
+        replica: str = "",
     ) -> None:
         self._store = store
+        self._replica = replica  # whose committed bounds ``state`` holds
         self._state = state
         self._policy = policy
         self._compression_level = compression_level
@@ -215,14 +233,14 @@ class Compactor:
         return int(row[0]) if row else 0
 
     def compact_table(self, spec: TableSpec, bound: int) -> TableReport:
+        """One pass over table ``spec``; ``bound`` is the own replica's committed bound."""
         started = time.perf_counter()
         report = TableReport(spec.name, bound)
         store = self._store
-        writer = PartitionedWriter(
-            store, spec.name, schema_name=spec.schema, compression_level=self._compression_level
-        )
+        listing = store.list_files(store.join(spec.name))
+        report.bounds = replica_bounds(part_files(listing), own=self._replica, own_bound=bound)
         by_partition: dict[str, list[StoredFile]] = {}
-        for stored in store.list_files(store.join(spec.name)):
+        for stored in listing:
             by_partition.setdefault(stored.folder, []).append(stored)
         for folder, files in sorted(by_partition.items()):
             match = _PARTITION.fullmatch(folder.rsplit("/", 1)[-1])
@@ -230,7 +248,7 @@ class Compactor:
                 continue
             report.partitions += 1
             try:
-                self._compact_partition(spec, writer, files, bound, report)
+                self._compact_partition(spec, files, report)
             except (CompactionError, OverlappingFilesError) as exc:
                 report.skipped.append(f"{store.describe(folder)}: {exc}")
                 # Runs merged before the problem stay merged: count what is there now.
@@ -240,18 +258,13 @@ class Compactor:
         return report
 
     def _compact_partition(
-        self,
-        spec: TableSpec,
-        writer: PartitionedWriter,
-        files: list[StoredFile],
-        bound: int,
-        report: TableReport,
+        self, spec: TableSpec, files: list[StoredFile], report: TableReport
     ) -> None:
         store, dry_run = self._store, self._policy.dry_run
         parts = part_files(files)
         report.files_before += len(parts)
-        leftovers = [f.path for f in files if _is_dead_temporary(f.name, bound)]
-        gone = superseded(parts)
+        leftovers = [f.path for f in files if _is_dead_temporary(f.name, report.bounds)]
+        gone = superseded(parts)  # per replica, raises before anything is deleted
         if not dry_run:
             report.temporaries_removed += store.delete(leftovers)
             report.superseded_removed += store.delete(p.stored.path for p in gone)
@@ -260,13 +273,26 @@ class Compactor:
             report.superseded_removed += len(gone)
         gone_ids = {id(p) for p in gone}
         live = [p for p in parts if id(p) not in gone_ids]
-        runs = plan_runs(live, bound, self._policy.target_bytes)
-        for run in runs:
-            rows = self._merge(spec, writer, run) if not dry_run else 0
-            report.runs += 1
-            report.rows_merged += rows
-            report.bytes_merged += sum(p.stored.size for p in run)
-        report.files_after += len(live) - sum(len(run) - 1 for run in runs)
+        for replica, own_files in sorted(by_replica(live).items()):
+            bound = report.bounds[replica]  # from the same listing: every replica has one
+            runs = plan_runs(own_files, bound, self._policy.target_bytes)
+            writer = self._writer(spec, replica) if runs and not dry_run else None
+            for run in runs:
+                rows = self._merge(spec, writer, run) if writer is not None else 0
+                report.runs += 1
+                report.rows_merged += rows
+                report.bytes_merged += sum(p.stored.size for p in run)
+            report.files_after += len(own_files) - sum(len(run) - 1 for run in runs)
+
+    def _writer(self, spec: TableSpec, replica: str) -> PartitionedWriter:
+        """Writes merged files under ``replica``'s names, exactly like that replica's sink."""
+        return PartitionedWriter(
+            self._store,
+            spec.name,
+            schema_name=spec.schema,
+            compression_level=self._compression_level,
+            replica=replica,
+        )
 
     def _merge(self, spec: TableSpec, writer: PartitionedWriter, run: list[PartFile]) -> int:
         """Write ``run`` as one file, then delete its inputs; returns the rows merged."""
@@ -307,10 +333,27 @@ class Compactor:
         """Called between writing a merged file and deleting its inputs (a test's crash point)."""
 
 
-def _is_dead_temporary(name: str, bound: int) -> bool:
+def replica_bounds(parts: Sequence[PartFile], *, own: str, own_bound: int) -> dict[str, int]:
+    """Each replica's committed bound: ``own_bound`` for ``own``, from the listing for the others.
+
+    ``parts`` are every part file of one table (all partitions). For another replica the bound is
+    just below its newest range: see "Replicas" in the module docstring for why that is committed.
+    Merged files end at or below a bound, so taking the lowest first among the files ending
+    highest can only lower the result, never raise it above ``committed_lsn``.
+    """
+    bounds = {own: own_bound}
+    for replica, files in by_replica(parts).items():
+        if replica == own:
+            continue
+        newest = max(p.last for p in files)
+        bounds[replica] = min(p.first for p in files if p.last == newest) - 1
+    return bounds
+
+
+def _is_dead_temporary(name: str, bounds: dict[str, int]) -> bool:
     """A temporary file of a committed range: left by a crash, never completed by anyone."""
-    match = _TEMPORARY.fullmatch(name)
-    return match is not None and int(match.group(1)) <= bound
+    parsed = parse_temp_file_name(name)
+    return parsed is not None and parsed.last <= bounds.get(parsed.replica, 0)
 
 
 @contextlib.contextmanager
@@ -393,7 +436,12 @@ def compact(settings: Settings, policy: Policy, *, today: date | None = None) ->
             "files are committed; point --config at the daemon's settings"
         )
     compactor = Compactor(
-        store, state, policy, compression_level=settings.output.compression_level, today=today
+        store,
+        state,
+        policy,
+        compression_level=settings.output.compression_level,
+        today=today,
+        replica=settings.replica.id,
     )
     return compactor.run()
 

@@ -4,6 +4,12 @@ One batch of write-ahead-log records ``[first_lsn, last_lsn]`` becomes at most o
 date::
 
     <root>/<table>/date=YYYY-MM-DD/part-<first_lsn:020d>-<last_lsn:020d>.parquet
+    <root>/<table>/date=YYYY-MM-DD/part-<replica>-<first_lsn:020d>-<last_lsn:020d>.parquet
+
+The second form is a replica's (``[replica] id``): several daemons share one output location, each
+with its own LSNs, so the replica id keeps their names apart. The id may contain dashes (pod names
+such as ``hm-ingest-2``); parsing stays unambiguous because the two 20-digit groups are anchored
+at the end of the name.
 
 The name depends only on the batch, and the content only on the rows and the library version, so a
 batch replayed after a crash overwrites its earlier files with identical ones instead of adding a
@@ -13,8 +19,10 @@ folder is fsynced so the rename itself survives a power loss. On an object store
 :class:`~ingest.storage.OutputStore` for ``s3://...``) each file is encoded in memory and uploaded
 as one complete object under its final name instead: stores publish an object whole or not at all.
 
-One writer per ``<root>/<table>``: temporary names are fixed per batch, so two processes writing
-the same batch into the same folder would trample each other's temporary file.
+One writer per ``<root>/<table>`` and replica: temporary names are fixed per batch, so two
+processes writing the same batch of the same replica into the same folder would trample each
+other's temporary file. Writers of different replicas share folders safely: every name they
+write, replace or delete (including temporaries) carries their own replica id.
 
 The work here blocks (encoding, fsync); callers on the event loop run it in a thread.
 """
@@ -25,17 +33,18 @@ import contextlib
 import errno
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path, PurePath, PurePosixPath
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ingest import schemas
+from ingest.config import REPLICA_ID_PATTERN
 from ingest.errors import SinkError
 from ingest.storage.store import OutputStore
 from ingest.testing import faultpoints
@@ -46,8 +55,16 @@ MAX_LSN = 10**LSN_DIGITS - 1
 PARTITION_KEY = "date"
 TEMP_PREFIX = "."  # Spark, Hive, DuckDB globs and pyarrow.dataset all skip names starting with "."
 TEMP_SUFFIX = ".tmp"  # and "*.parquet" globs do not match it either
-_FILE_NAME = re.compile(r"part-(\d{20})-(\d{20})\.parquet")
-_TEMP_NAME = re.compile(r"\.part-\d{20}-\d{20}\.parquet\.tmp")
+_REPLICA = re.compile(REPLICA_ID_PATTERN)
+# The replica group is optional and the LSN groups fixed-width at the end: a name has exactly one
+# parse, whatever dashes or digits the replica id holds.
+_REPLICA_BODY = REPLICA_ID_PATTERN.removeprefix("^").removesuffix("$")
+_PART = (
+    rf"part-(?:(?P<replica>{_REPLICA_BODY})-)?"
+    rf"(?P<first>\d{{{LSN_DIGITS}}})-(?P<last>\d{{{LSN_DIGITS}}})\.parquet"
+)
+_FILE_NAME = re.compile(_PART)
+_TEMP_NAME = re.compile(re.escape(TEMP_PREFIX) + _PART + re.escape(TEMP_SUFFIX))
 _EPOCH = date(1970, 1, 1)
 # Errors that retrying cannot fix without an operator: the sink reports them as not retriable.
 _PERMANENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
@@ -63,21 +80,61 @@ class WrittenFile:
     partition: str
 
 
-def part_file_name(first_lsn: int, last_lsn: int) -> str:
-    """The file name of batch ``[first_lsn, last_lsn]``; sorts by LSN as a string."""
+class PartName(NamedTuple):
+    """What a part file's name says: whose it is (``""``: a single daemon's) and its LSN range."""
+
+    replica: str
+    first: int
+    last: int
+
+
+def check_replica(replica: str) -> str:
+    """``replica`` if it is ``""`` or a valid replica id; ``ValueError`` naming the rule if not."""
+    if replica and _REPLICA.fullmatch(replica) is None:
+        raise ValueError(
+            f"replica id {replica!r} is not valid: use 1 to 63 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit (e.g. the pod name hm-ingest-2)"
+        )
+    return replica
+
+
+def part_file_name(first_lsn: int, last_lsn: int, replica: str = "") -> str:
+    """The file name of ``replica``'s batch ``[first_lsn, last_lsn]``; sorts by LSN as a string.
+
+    ``replica=""`` (a single daemon) gives ``part-<first>-<last>.parquet``, as it always has.
+    """
     if not 0 <= first_lsn <= last_lsn <= MAX_LSN:
         raise ValueError(
             f"LSN range [{first_lsn}, {last_lsn}] must satisfy 0 <= first <= last <= {MAX_LSN}"
         )
-    return f"part-{first_lsn:0{LSN_DIGITS}d}-{last_lsn:0{LSN_DIGITS}d}.parquet"
+    owner = f"{check_replica(replica)}-" if replica else ""
+    return f"part-{owner}{first_lsn:0{LSN_DIGITS}d}-{last_lsn:0{LSN_DIGITS}d}.parquet"
 
 
-def parse_part_file_name(name: str) -> tuple[int, int]:
-    """``(first_lsn, last_lsn)`` from a name made by :func:`part_file_name`."""
+def temp_file_name(name: str) -> str:
+    """The temporary name a file is written under before being renamed to ``name``."""
+    return f"{TEMP_PREFIX}{name}{TEMP_SUFFIX}"
+
+
+def parse_part_file_name(name: str) -> PartName:
+    """The replica and LSN range of a name made by :func:`part_file_name`."""
     match = _FILE_NAME.fullmatch(name)
     if match is None:
-        raise ValueError(f"{name!r} is not a part file name (part-<20 digits>-<20 digits>.parquet)")
-    return int(match.group(1)), int(match.group(2))
+        raise ValueError(
+            f"{name!r} is not a part file name (part-[<replica>-]<20 digits>-<20 digits>.parquet)"
+        )
+    return _part_name(match)
+
+
+def parse_temp_file_name(name: str) -> PartName | None:
+    """The replica and LSN range of a temporary part file's name; None for any other name."""
+    match = _TEMP_NAME.fullmatch(name)
+    return _part_name(match) if match is not None else None
+
+
+def _part_name(match: re.Match[str]) -> PartName:
+    first, last = int(match.group("first")), int(match.group("last"))
+    return PartName(match.group("replica") or "", first, last)
 
 
 def partition_name(day: date) -> str:
@@ -90,6 +147,8 @@ class PartitionedWriter:
 
     ``root`` and ``table`` stay readable: the dataset is the folder ``root / table``. ``root`` is
     a local folder, or an :class:`~ingest.storage.OutputStore` (local or object store).
+    ``replica`` (``""``: a single daemon) goes into every file name this writer writes, replaces
+    or deletes, so replicas sharing ``root`` never touch each other's files.
     """
 
     def __init__(
@@ -101,10 +160,12 @@ class PartitionedWriter:
         compression: str = "zstd",
         compression_level: int = 3,
         row_group_rows: int = 128 * 1024,
+        replica: str = "",
     ) -> None:
         # Object stores take whole-object uploads; local folders the fsync + rename path below.
         self.root, self._remote = _split_root(root)
         self.table = table
+        self.replica = check_replica(replica)
         self._folder = Path(self.root) / table  # used for local roots only
         self._schema = schemas.arrow_schema(schema_name)
         self._dictionary = list(schemas.dictionary_columns(schema_name))
@@ -128,7 +189,7 @@ class PartitionedWriter:
         ``fallback_date_column``. Rows keep their order within each file. Raises ``ValueError``
         when the columns do not fit the schema and ``SinkError`` when the disk refuses a file.
         """
-        name = part_file_name(first_lsn, last_lsn)
+        name = part_file_name(first_lsn, last_lsn, self.replica)
         table = self._to_table(columns)
         if table.num_rows == 0:
             return []
@@ -164,9 +225,10 @@ class PartitionedWriter:
         """Delete batch ``[first_lsn, last_lsn]``'s files in every partition; returns how many.
 
         A replayed intent calls this before writing the batch again, so files an interrupted
-        attempt left in partitions the replay no longer writes to cannot stay behind.
+        attempt left in partitions the replay no longer writes to cannot stay behind. Only this
+        writer's replica's files: another replica's batch with the same LSNs is a different batch.
         """
-        name = part_file_name(first_lsn, last_lsn)
+        name = part_file_name(first_lsn, last_lsn, self.replica)
         if self._remote is not None:
             store = self._remote
             folders = store.list_folders(store.join(self.table))
@@ -182,12 +244,23 @@ class PartitionedWriter:
             removed += 1
         return removed
 
+    def batch_written(self, first_lsn: int, last_lsn: int, partitions: Sequence[str]) -> bool:
+        """Whether any file of batch ``[first_lsn, last_lsn]`` exists in one of ``partitions``."""
+        name = part_file_name(first_lsn, last_lsn, self.replica)
+        if self._remote is not None:
+            store = self._remote
+            return bool(store.existing([store.join(self.table, p, name) for p in partitions]))
+        return any((self._folder / partition / name).is_file() for partition in partitions)
+
     def remove_temporaries(self) -> int:
         """Delete temporary files a crash left under ``<root>/<table>/``; returns how many.
 
-        Not fsynced: a temporary file that reappears after a power loss is ignored by readers
-        and removed again at the next start. Object stores have none: an upload cut short leaves
-        no object.
+        Only this writer's replica's: another replica may be writing its own temporary file in
+        the same folder right now. (A running compaction's temporary file of this replica's merged
+        range looks alike; removing it fails that merge, which leaves its inputs in place, and the
+        next pass redoes it.) Not fsynced: a temporary file that reappears after a power loss is
+        ignored by readers and removed again at the next start. Object stores have none: an
+        upload cut short leaves no object.
         """
         if self._remote is not None:
             return 0
@@ -208,7 +281,9 @@ class PartitionedWriter:
         for partition in self._folder.iterdir():
             if partition.is_dir():
                 for path in partition.iterdir():
-                    if _TEMP_NAME.fullmatch(path.name):
+                    parsed = parse_temp_file_name(path.name)
+                    # Never another replica's: it may be renaming that file right now.
+                    if parsed is not None and parsed.replica == self.replica:
                         yield path
 
     def _to_table(self, columns: dict[str, list[Any]] | pa.Table) -> pa.Table:
@@ -254,7 +329,7 @@ class PartitionedWriter:
         return table.column(column).cast(pa.date32())
 
     def _write_file(self, rows: pa.Table, path: Path, partition: str) -> WrittenFile:
-        temp = path.with_name(TEMP_PREFIX + path.name + TEMP_SUFFIX)
+        temp = path.with_name(temp_file_name(path.name))
         try:
             _make_folders(path.parent)
             self._encode(rows, temp)

@@ -18,12 +18,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ingest import schemas
+from ingest.config import REPLICA_ID_PATTERN
 from ingest.errors import SinkError
 from ingest.parquet import (
     PartitionedWriter,
+    PartName,
     parse_part_file_name,
+    parse_temp_file_name,
     part_file_name,
     partition_name,
+    temp_file_name,
 )
 
 DAY_MS = 86_400_000
@@ -424,7 +428,7 @@ LSNS = st.integers(min_value=0, max_value=10**20 - 1)
 def test_file_names_parse_back_and_sort_by_lsn(ranges: list[list[int]]) -> None:
     names = [part_file_name(first, last) for first, last in ranges]
     assert [parse_part_file_name(name) for name in names] == [
-        (first, last) for first, last in ranges
+        ("", first, last) for first, last in ranges
     ]
     assert sorted(names) == [part_file_name(first, last) for first, last in sorted(ranges)]
 
@@ -465,4 +469,135 @@ def test_every_row_lands_in_the_partition_of_its_utc_date(
     assert [file.partition for file in written] == sorted(expected)
     for file in written:
         assert file.path.parent.name == file.partition
-        assert parse_part_file_name(file.path.name) == (first, last)
+        assert parse_part_file_name(file.path.name) == ("", first, last)
+
+
+# -- replicas: one shared output folder, LSNs per replica ----------------------------------------
+
+REPLICA_IDS = st.from_regex(REPLICA_ID_PATTERN.removesuffix("$") + r"\Z")
+
+
+def test_single_daemon_names_are_unchanged() -> None:
+    assert part_file_name(1, 10) == "part-00000000000000000001-00000000000000000010.parquet"
+    assert part_file_name(1, 10, "") == part_file_name(1, 10)
+    assert part_file_name(1, 10, "hm-ingest-2") == (
+        "part-hm-ingest-2-00000000000000000001-00000000000000000010.parquet"
+    )
+
+
+@pytest.mark.parametrize(
+    "replica",
+    [
+        "hm-ingest-2",
+        "a",
+        "0",
+        "12345678901234567890",  # looks like an LSN group
+        "00000000000000000001-00000000000000000002",  # looks like two of them
+        "x-00000000000000000003",
+        "pod.name_with-everything-",
+        "z" * 63,
+    ],
+)
+def test_replica_names_parse_unambiguously(replica: str) -> None:
+    name = part_file_name(7, 9, replica)
+    assert parse_part_file_name(name) == PartName(replica, 7, 9)
+    assert parse_temp_file_name(temp_file_name(name)) == PartName(replica, 7, 9)
+    assert parse_temp_file_name(name) is None  # a final name is not a temporary one
+
+
+@pytest.mark.parametrize("replica", ["-lead", "a b", "a/b", "z" * 64, "é", ".hidden"])
+def test_invalid_replica_ids_are_refused_with_the_rule(tmp_path: Path, replica: str) -> None:
+    with pytest.raises(ValueError, match=r"replica id .* is not valid: use 1 to 63"):
+        part_file_name(1, 2, replica)
+    with pytest.raises(ValueError, match="replica id"):
+        telemetry_writer(tmp_path, replica=replica)
+
+
+@given(REPLICA_IDS, st.tuples(LSNS, LSNS).map(sorted))
+def test_any_valid_replica_id_round_trips(replica: str, lsn_range: list[int]) -> None:
+    first, last = lsn_range
+    assert parse_part_file_name(part_file_name(first, last, replica)) == (replica, first, last)
+
+
+def test_replicas_share_a_folder_without_touching_each_others_files(tmp_path: Path) -> None:
+    """Same LSNs in the same partition: two files; each writer replaces and removes only its own."""
+    one = telemetry_writer(tmp_path, replica="hm-ingest-0")
+    two = telemetry_writer(tmp_path, replica="hm-ingest-1")
+    single = telemetry_writer(tmp_path)
+    [a] = write_telemetry(one, [telemetry_row(message_id="a")], first=1, last=10)
+    [b] = write_telemetry(two, [telemetry_row(message_id="b")], first=1, last=10)
+    [c] = write_telemetry(single, [telemetry_row(message_id="c")], first=1, last=10)
+    assert len({a.path, b.path, c.path}) == 3
+    assert a.path.parent == b.path.parent == c.path.parent
+
+    # A replayed intent of replica 0 overwrites its own file, and removes only its own.
+    write_telemetry(one, [telemetry_row(message_id="a")], first=1, last=10)
+    assert one.remove_batch(1, 10) == 1
+    assert not a.path.exists()
+    assert b.path.exists()
+    assert c.path.exists()
+    assert two.remove_batch(1, 10) == 1
+    assert single.remove_batch(1, 10) == 1
+    assert files_under(tmp_path / "telemetry") == []
+
+
+def test_remove_temporaries_leaves_other_replicas_in_flight_files(tmp_path: Path) -> None:
+    """Replica 1 starting up must not delete the file replica 0 is about to rename."""
+    one = telemetry_writer(tmp_path, replica="hm-ingest-0")
+    two = telemetry_writer(tmp_path, replica="hm-ingest-1")
+    single = telemetry_writer(tmp_path)
+    folder = tmp_path / "telemetry" / "date=2026-11-28"
+    folder.mkdir(parents=True)
+    temps = {
+        "hm-ingest-0": folder / temp_file_name(part_file_name(1, 5, "hm-ingest-0")),
+        "hm-ingest-1": folder / temp_file_name(part_file_name(1, 5, "hm-ingest-1")),
+        # A prefix of another id must not count as the same replica.
+        "hm-ingest-10": folder / temp_file_name(part_file_name(1, 5, "hm-ingest-10")),
+        "": folder / temp_file_name(part_file_name(1, 5)),
+    }
+    for temp in temps.values():
+        temp.write_bytes(b"half a parquet file")
+
+    assert two.remove_temporaries() == 1
+    assert {name for name, path in temps.items() if path.exists()} == {
+        "hm-ingest-0",
+        "hm-ingest-10",
+        "",
+    }
+    assert single.remove_temporaries() == 1
+    assert one.remove_temporaries() == 1
+    assert [p.name for p in folder.iterdir()] == [temps["hm-ingest-10"].name]
+
+
+def test_batch_written_looks_only_at_the_given_partitions_and_replica(tmp_path: Path) -> None:
+    one = telemetry_writer(tmp_path, replica="r1")
+    two = telemetry_writer(tmp_path, replica="r2")
+    write_telemetry(one, [telemetry_row()], first=1, last=5)
+    assert one.batch_written(1, 5, ["date=2026-11-28"])
+    assert not one.batch_written(1, 5, ["date=2026-11-29"])
+    assert not one.batch_written(1, 6, ["date=2026-11-28"])
+    assert not two.batch_written(1, 5, ["date=2026-11-28"])
+
+
+def test_readers_see_every_replicas_rows_once(tmp_path: Path) -> None:
+    """DuckDB and pyarrow over telemetry/**/*.parquet: overlapping LSNs of replicas all count."""
+    expected = set()
+    for replica in ("", "hm-ingest-0", "hm-ingest-1"):
+        writer = telemetry_writer(tmp_path, replica=replica)
+        for first in (1, 11):
+            rows = [
+                telemetry_row(message_id=f"{replica}/{first}", timestamp=NOV28_MS),
+                telemetry_row(message_id=f"{replica}/{first}", timestamp=NOV29_MS, item_index=1),
+            ]
+            write_telemetry(writer, rows, first=first, last=first + 9)
+            expected |= {(row["message_id"], row["item_index"]) for row in rows}
+    glob = str(tmp_path / "telemetry" / "**" / "*.parquet")
+    with duckdb.connect() as db:
+        seen = db.execute(
+            "SELECT message_id, item_index FROM read_parquet(?, hive_partitioning = true)", [glob]
+        ).fetchall()
+    assert sorted(seen) == sorted(expected)
+    assert len(seen) == 12
+    table = ds.dataset(tmp_path / "telemetry", partitioning="hive").to_table()
+    ids, items = table.column("message_id").to_pylist(), table.column("item_index").to_pylist()
+    assert sorted(zip(ids, items, strict=True)) == sorted(expected)

@@ -16,6 +16,17 @@ crash between 1 and 3 makes the next export redo exactly ``[first, last]``, over
 file names with the same rows (nothing duplicated). Transition ids never repeat (SQLite
 AUTOINCREMENT), so two ranges never share a file name.
 
+**Replicas.** Several daemons sharing one output each keep their own store, so their transition ids
+are their own: ``replica`` (``[replica] id``) goes into every file name, as for telemetry. Only the
+fleet-control leader exports. Transitions a follower records (it observes the same listing)
+are the leader's to export, so before a follower starts exporting (on becoming leader) it calls
+:meth:`TransitionHistory.skip_pending`, which moves its export mark past everything recorded so far
+*without writing*; its exports then hold only what it records as leader. Where it is called
+decides what a hand-off can cost: once at takeover, a transition the old leader recorded but never
+exported (it died first) is missing from the history; after every follower cycle instead, the new
+leader exports what it recorded since its last call, so a transition near the hand-off may appear
+twice (never not at all).
+
 Writing blocks (Parquet encoding, fsync): callers on the event loop run :meth:`export` in a thread.
 """
 
@@ -48,13 +59,19 @@ class TransitionHistory:
         *,
         compression_level: int = 3,
         batch_rows: int = EXPORT_BATCH_ROWS,
+        replica: str = "",
     ) -> None:
         self._store = store
         self._batch_rows = batch_rows
         self.writer = PartitionedWriter(
-            output_root, TABLE, schema_name=SCHEMA, compression_level=compression_level
+            output_root,
+            TABLE,
+            schema_name=SCHEMA,
+            compression_level=compression_level,
+            replica=replica,
         )
-        # Leftovers of a crash mid-write; the interrupted range itself is redone by export().
+        # Leftovers of a crash mid-write (this replica's only); the interrupted range itself is
+        # redone by export(), or by skip_pending() if some of its files were written.
         self.writer.remove_temporaries()
 
     def export(self) -> list[WrittenFile]:
@@ -64,6 +81,28 @@ class TransitionHistory:
             written.extend(self.write(batch))
             self._store.finish_export(batch)
         return written
+
+    def skip_pending(self) -> int:
+        """A follower's export: mark every transition recorded so far as exported, writing none.
+
+        Returns how many were skipped. One exception keeps the history whole: an export this
+        replica began while it was leader and that was cut short after writing some of its files
+        (its intent is still pending) is completed, since the output already holds part of it.
+        Telling them apart costs one existence check (a stat, or a HEAD on an object store) per
+        date each skipped batch spans.
+        """
+        skipped = 0
+        while (batch := self._store.begin_export(self._batch_rows)) is not None:
+            columns = _columns(batch.transitions)
+            partitions = self.writer.partitions_of(columns, date_column="observed_at")
+            if self.writer.batch_written(batch.first_id, batch.last_id, partitions):
+                self.write(batch)
+            else:
+                skipped += len(batch.transitions)
+            self._store.finish_export(batch)
+        if skipped:
+            log.debug("clearance history: %d transition(s) left to the leader", skipped)
+        return skipped
 
     def write(self, batch: ExportBatch) -> list[WrittenFile]:
         """Step 2 of the protocol alone (export() runs all three; tests interrupt after this)."""
