@@ -1,0 +1,1 @@
+"""Tests of running several replicas on one stream."""
