@@ -19,10 +19,13 @@ whatever was not committed is in the log and is replayed at the next start.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 
 from prometheus_client import CollectorRegistry
 
@@ -38,13 +41,15 @@ from ingest.metrics import Metrics
 from ingest.mqtt import (
     CAUSE_SESSION_PRESENT,
     Delivery,
-    MqttOptions,
     ReceiveSession,
     is_connection_loss,
 )
 from ingest.mqtt_native import make_session
 from ingest.parquet import PartitionedWriter
+from ingest.replica.adopt import SessionAdopter, message_key_function
+from ingest.replica.runtime import ReplicaRuntime, open_replica_runtime
 from ingest.schemas import REJECTED, TELEMETRY
+from ingest.session_options import adopted_session_options, mqtt_options, subscription_topic
 from ingest.sink import FlushPolicy, Sink
 from ingest.storage import OutputStore
 from ingest.threads import run_in_thread
@@ -67,8 +72,16 @@ class Pipeline:
         self.wal.close()
 
 
-def open_pipeline(settings: Settings, metrics: Metrics) -> Pipeline:
-    """Open the log and state, and replay whatever the last run logged but did not commit."""
+def open_pipeline(
+    settings: Settings,
+    metrics: Metrics,
+    *,
+    before_replay: Callable[[DedupeIndex], object] | None = None,
+) -> Pipeline:
+    """Open the log and state, and replay whatever the last run logged but did not commit.
+
+    ``before_replay`` sees the dedupe index first (a replica marks what others adopted from it).
+    """
     state_dir = settings.state.path
     state_dir.mkdir(parents=True, exist_ok=True)
     # A local folder or an object store (s3://...), same layout either way.
@@ -91,11 +104,20 @@ def open_pipeline(settings: Settings, metrics: Metrics) -> Pipeline:
         wal=wal,
         checkpoints=checkpoints,
         dedupe=dedupe,
+        # With replicas, each one's LSNs are its own: its id in the file names keeps them apart.
         telemetry=PartitionedWriter(
-            output, "telemetry", schema_name=TELEMETRY, compression_level=level
+            output,
+            "telemetry",
+            schema_name=TELEMETRY,
+            compression_level=level,
+            replica=settings.replica.id,
         ),
         rejected=PartitionedWriter(
-            output, "rejected", schema_name=REJECTED, compression_level=level
+            output,
+            "rejected",
+            schema_name=REJECTED,
+            compression_level=level,
+            replica=settings.replica.id,
         ),
         decoder=Decoder(
             app_id=settings.mqtt.app_id or None,
@@ -108,32 +130,10 @@ def open_pipeline(settings: Settings, metrics: Metrics) -> Pipeline:
         ),
         metrics=metrics,
     )
+    if before_replay is not None:
+        before_replay(dedupe)
     sink.replay(checkpoint)
     return Pipeline(wal=wal, sink=sink, dedupe=dedupe)
-
-
-def mqtt_options(settings: Settings) -> MqttOptions:
-    mqtt = settings.mqtt
-    # preflight refuses to start without these files, so they are set here.
-    assert mqtt.ca_file is not None
-    assert mqtt.cert_file is not None
-    assert mqtt.key_file is not None
-    return MqttOptions(
-        host=mqtt.host,
-        port=mqtt.port,
-        client_id=mqtt.client_id,
-        topic=mqtt.resolved_topic,
-        ca_file=mqtt.ca_file,
-        cert_file=mqtt.cert_file,
-        key_file=mqtt.key_file,
-        protocol=mqtt.protocol,
-        keepalive_s=mqtt.keepalive_s,
-        session_expiry_s=mqtt.session_expiry_s,
-        receive_maximum=mqtt.receive_maximum,
-        verify_hostname=mqtt.verify_hostname,
-        reconnect_min_s=mqtt.reconnect_min_s,
-        reconnect_max_s=mqtt.reconnect_max_s,
-    )
 
 
 class Daemon:
@@ -153,22 +153,39 @@ class Daemon:
         self.http_port: int | None = None
         self.started = asyncio.Event()
         self.control: FleetControl | None = None
+        # Set when running as one of several replicas ([replica] id).
+        self.replica: ReplicaRuntime | None = None
+        self._fenced = False
 
     async def run(self) -> int:
         settings = self.settings
-        if settings.fleet.enabled:
-            # Bad API credentials stop start-up here (ConfigError, exit 2), before any message.
-            self.control = await asyncio.to_thread(FleetControl.open, settings, self.metrics)
         try:
+            if settings.replica.enabled:
+                # An unreachable coordination database stops start-up here (ConfigError).
+                self.replica = await asyncio.to_thread(open_replica_runtime, settings, self.metrics)
+                if not await self.replica.join(self.shutdown):
+                    return 0
+            if settings.fleet.enabled:
+                # Bad API credentials stop start-up here (ConfigError, exit 2), before any message.
+                self.control = await asyncio.to_thread(FleetControl.open, settings, self.metrics)
             return await self._run_pipeline()
         finally:
             if self.control is not None:
                 await self.control.aclose()
+            if self.replica is not None:
+                await asyncio.to_thread(self.replica.call, self.replica.coordinator.close)
 
     async def _run_pipeline(self) -> int:
         settings = self.settings
         metrics = self.metrics
-        pipeline = await asyncio.to_thread(open_pipeline, settings, metrics)
+        pipeline = await asyncio.to_thread(
+            partial(
+                open_pipeline,
+                settings,
+                metrics,
+                before_replay=self.replica.load_adopted if self.replica is not None else None,
+            )
+        )
         if self.control is not None:
             # Set after the start-up replay: replayed records were received before this run and
             # are judged by the clearance state known now only from here on (either is correct:
@@ -183,8 +200,14 @@ class Daemon:
         settings, metrics, health = self.settings, self.metrics, self.health
         intake_stop, sink_stop = threading.Event(), threading.Event()
         session_box: list[ReceiveSession] = []
+        # Sessions of lost replicas being adopted (ingest.replica.adopt), by delivery channel.
+        adopters: dict[int, SessionAdopter] = {}
 
         def ack(delivery: Delivery) -> bool:
+            if delivery.channel:
+                adopter = adopters.get(delivery.channel)
+                # Gone (failed or interrupted): the broker redelivers it to the next adoption.
+                return adopter is not None and adopter.ack(delivery)
             return session_box[0].ack(delivery)
 
         intake = Intake(
@@ -224,7 +247,10 @@ class Daemon:
                 await asyncio.to_thread(
                     session.wait_first_connection, settings.mqtt.connect_timeout_s
                 )
-                return await self._supervise(intake, pipeline.sink, session, intake_stop, sink_stop)
+                adopt = self._adoption(intake, adopters)
+                return await self._supervise(
+                    intake, pipeline.sink, session, intake_stop, sink_stop, adopt=adopt
+                )
             finally:
                 intake_stop.set()
                 sink_stop.set()
@@ -237,6 +263,8 @@ class Daemon:
         session: ReceiveSession,
         intake_stop: threading.Event,
         sink_stop: threading.Event,
+        *,
+        adopt: Callable[[str], Awaitable[None]],
     ) -> int:
         deadline_s = self.settings.shutdown.deadline_s
         exit_code = 0
@@ -249,16 +277,31 @@ class Daemon:
             )
             heartbeat = tg.create_task(self._heartbeat(), name="heartbeat")
             fleet_stop = asyncio.Event()
+            replica_stop = asyncio.Event()
+            role = None
+            if self.replica is not None:
+                role = self.replica.role
+                replica_task = tg.create_task(
+                    self.replica.run(
+                        replica_stop, adopt=adopt, on_fenced=lambda: self._on_fenced(session)
+                    ),
+                    name="replica",
+                )
             if self.control is not None:
-                fleet = tg.create_task(self.control.run(fleet_stop), name="fleet-control")
+                fleet = tg.create_task(self.control.run(fleet_stop, role), name="fleet-control")
             self.started.set()
-            log.info("running: subscribed to %s", self.settings.mqtt.resolved_topic)
+            log.info("running: subscribed to %s", subscription_topic(self.settings))
             await self.shutdown.wait()
             if self.control is not None:
                 # The loop's state is transactional: cutting a cycle short loses nothing, and
                 # the drain must not wait for an HM API call.
                 fleet_stop.set()
                 fleet.cancel()
+            if self.replica is not None:
+                # Stops adoptions and resigns leadership; membership lapses by itself, so if
+                # this replica does not come back its session is adopted after the lease.
+                replica_stop.set()
+                await replica_task
             log.info("shutting down: draining within %.0f s", deadline_s)
             started = time.monotonic()
             try:
@@ -285,7 +328,54 @@ class Daemon:
                 intake_task.cancel()
                 sink_task.cancel()
             heartbeat.cancel()
+        if self._fenced:
+            return 1
         return exit_code
+
+    def _on_fenced(self, session: ReceiveSession) -> None:
+        """Declared lost by the group: stop taking messages at once, then shut down (exit 1)."""
+        self._fenced = True
+        # Off the loop: stop() joins the session thread. Our session now belongs to the adopter;
+        # reconnecting would only pull it back and forth between us.
+        threading.Thread(target=session.stop, name="fenced-stop", daemon=True).start()
+        self.shutdown.set()
+
+    def _adoption(
+        self, intake: Intake, adopters: dict[int, SessionAdopter]
+    ) -> Callable[[str], Awaitable[None]]:
+        """How the leader adopts a lost replica's session: into this daemon's own intake."""
+        settings = self.settings
+        channels = itertools.count(1)
+        key_of = message_key_function(
+            settings.mqtt.app_id or None, settings.ingest.max_payload_bytes
+        )
+
+        async def adopt(member: str) -> None:
+            runtime = self.replica
+            assert runtime is not None
+            coordinator = runtime.coordinator
+            channel = next(channels)
+            stop = threading.Event()
+            adopter = SessionAdopter(
+                adopted_session_options(settings, member),
+                replica=member,
+                channel=channel,
+                submit=intake.submit,
+                key_of=key_of,
+                record_keys=lambda keys: runtime.call(coordinator.record_adopted, member, keys),
+                keep_claim=lambda: runtime.call(coordinator.renew_drain, member),
+                receive_backlog_full=intake.receive_backlog_full,
+                stop=stop,
+            )
+            adopters[channel] = adopter
+            try:
+                report = await asyncio.to_thread(adopter.run)
+                self.metrics.adopted_messages.inc(report.messages)
+            finally:
+                stop.set()
+                adopters.pop(channel, None)
+
+        return adopt
 
     async def _on_webhook(self, change: ClearanceChange) -> None:
         if self.control is None:

@@ -150,6 +150,56 @@ class WebhookSettings(_Section):
     max_body_bytes: int = Field(64 * 1024, ge=1024)
 
 
+REPLICA_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+
+
+class ReplicaSettings(_Section):
+    # Empty: one daemon owns the whole stream. Set (in Kubernetes: the pod name, which a
+    # StatefulSet keeps stable) to run as one of several replicas sharing the application's stream.
+    id: str = Field("", pattern=r"^$|" + REPLICA_ID_PATTERN)
+    # shared: MQTT shared subscription ($share/<group>/<topic>), the broker spreads the messages.
+    mode: Literal["shared"] = "shared"
+    group: str = Field("hm-ingest", pattern=REPLICA_ID_PATTERN)
+    # Where replicas find each other: sqlite:///abs/path (replicas on one host) or
+    # postgresql://user@host/db (replicas anywhere). Required when id is set.
+    coordination: SecretStr = SecretStr("")
+    lease_s: float = Field(15.0, gt=0)
+    heartbeat_s: float = Field(3.0, gt=0)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.id)
+
+    @model_validator(mode="after")
+    def _replicas_need_coordination(self) -> ReplicaSettings:
+        if self.id and not self.coordination.get_secret_value():
+            raise ValueError(
+                "replica.id is set but replica.coordination is empty: replicas need a shared "
+                "database to elect the fleet-control leader and adopt a lost replica's session; "
+                "set it to sqlite:////shared/coordination.sqlite3 (one host) or "
+                "postgresql://user@host/db"
+            )
+        if self.heartbeat_s * 2 > self.lease_s:
+            raise ValueError(
+                f"replica.heartbeat_s ({self.heartbeat_s}) must be at most half of "
+                f"replica.lease_s ({self.lease_s}), or one late heartbeat loses the lease"
+            )
+        return self
+
+
+class IcebergSettings(_Section):
+    # Also register every committed batch in Apache Iceberg tables (ingest.iceberg).
+    enabled: bool = False
+    catalog: Literal["sql", "rest", "glue"] = "sql"
+    # sql: a SQLAlchemy URL (default: sqlite file under [state] path); rest: the catalog URL.
+    uri: str = ""
+    # Where table metadata lives; default: <[output] path>/iceberg.
+    warehouse: str = ""
+    namespace: str = Field("hm_ingest", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    # Extra catalog properties passed through to pyiceberg (credentials, regions, ...).
+    properties: dict[str, str] = Field(default_factory=dict)
+
+
 class Settings(_Section):
     # validate_default: the mqtt section has required keys even when the file omits the section.
     mqtt: MqttSettings = Field(default_factory=dict, validate_default=True)
@@ -162,6 +212,8 @@ class Settings(_Section):
     api: ApiSettings = Field(default_factory=ApiSettings)
     fleet: FleetSettings = Field(default_factory=FleetSettings)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
+    replica: ReplicaSettings = Field(default_factory=ReplicaSettings)
+    iceberg: IcebergSettings = Field(default_factory=IcebergSettings)
 
 
 def split_host_port(value: str, key: str) -> tuple[str, int]:

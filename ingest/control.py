@@ -9,6 +9,11 @@ wires them to the daemon:
   the new status at once (so the gate reacts within a delivery) and wakes the control loop;
 * :meth:`run` is the control loop, one task in the daemon's TaskGroup. It never raises on HM API
   trouble (it backs off and reports), so an API outage never stops ingestion.
+
+With several replicas (``[replica] id``), only the leader (see :mod:`ingest.replica.role`) runs
+the mutating loop and exports the clearance history; the others run the same loop in
+observe-only mode, which keeps their own clearance state (and so their ingest gate) in step with
+HM's listing.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from ingest.fleet.reconcile import Reconciler
 from ingest.fleet.store import STORE_FILE, ClearanceStateStore
 from ingest.hmapi import HmApiClient
 from ingest.metrics import Metrics
+from ingest.replica.role import Role
 from ingest.storage import OutputStore
 from ingest.webhook import ClearanceChange
 
@@ -38,6 +44,9 @@ class FleetControl:
     client: HmApiClient
     reconciler: Reconciler
     interval_s: float
+    # Observe-only twin of ``reconciler``, run while another replica leads (None: no replicas).
+    follower: Reconciler | None = None
+    leading: bool = True
 
     @classmethod
     def open(cls, settings: Settings, metrics: Metrics) -> FleetControl:
@@ -52,6 +61,7 @@ class FleetControl:
             store,
             OutputStore.open(settings.output.path),
             compression_level=settings.output.compression_level,
+            replica=settings.replica.id,
         )
         reconciler = Reconciler(
             client,
@@ -68,7 +78,18 @@ class FleetControl:
             settings.fleet.interval_s,
             ", prune on" if settings.fleet.prune else "",
         )
-        return cls(store, history, client, reconciler, settings.fleet.interval_s)
+        follower = None
+        if settings.replica.enabled:
+            follower = Reconciler(client, store, None, desired_file=None, prune=False)
+        return cls(
+            store,
+            history,
+            client,
+            reconciler,
+            settings.fleet.interval_s,
+            follower=follower,
+            leading=follower is None,
+        )
 
     def gate(self, vin: str) -> str | None:
         """Why rows of ``vin`` must not go to telemetry/ (None: let them through)."""
@@ -84,16 +105,54 @@ class FleetControl:
             source="webhook",
             at=change.received_at,
         )
-        self.reconciler.wake()
+        self._active.wake()
 
-    async def run(self, stop: asyncio.Event) -> None:
-        await self.reconciler.run(interval_s=self.interval_s, stop=stop)
+    @property
+    def _active(self) -> Reconciler:
+        return self.reconciler if self.leading or self.follower is None else self.follower
+
+    async def run(self, stop: asyncio.Event, role: Role | None = None) -> None:
+        """The control loop; with ``role``, mutating while leading and observing otherwise."""
+        if role is None or self.follower is None:
+            await self.reconciler.run(interval_s=self.interval_s, stop=stop)
+            return
+        while not stop.is_set():
+            role.changed.clear()
+            await self._set_leading(role.leader)
+            # The running loop ends at its next pause when the role changes (or on stop).
+            until = asyncio.Event()
+            loop = asyncio.create_task(
+                self._active.run(interval_s=self.interval_s, stop=until), name="fleet-loop"
+            )
+            waits = [asyncio.create_task(stop.wait()), asyncio.create_task(role.changed.wait())]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
+                until.set()
+                self._active.wake()
+                await loop
+
+    async def _set_leading(self, leading: bool) -> None:
+        if leading and not self.leading:
+            # Transitions this replica recorded while following were the leader's to export
+            # (it observed the same listing); exporting them again would duplicate history rows.
+            await asyncio.to_thread(self.history.skip_pending)
+        self.leading = leading
+        log.info(
+            "fleet control: %s",
+            "leading (mutating loop)" if leading else "following (observe-only)",
+        )
 
     async def aclose(self) -> None:
         # Webhook transitions since the last cycle reach clearance/ now rather than next start.
-        try:
-            await asyncio.to_thread(self.history.export)
-        except IngestError as exc:
-            log.warning("clearance history not exported at shutdown (retried at start): %s", exc)
+        if self.leading:
+            try:
+                await asyncio.to_thread(self.history.export)
+            except IngestError as exc:
+                log.warning(
+                    "clearance history not exported at shutdown (retried at start): %s", exc
+                )
         await self.client.aclose()
         self.store.close()

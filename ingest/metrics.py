@@ -139,3 +139,20 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+
+        # Replicas ([replica] id)
+        self.replica_leader = Gauge(
+            p + "replica_leader",
+            "1 while this replica leads its group (fleet control, adoption of lost replicas)",
+            registry=r,
+        )
+        self.replica_adoptions = Counter(
+            p + "replica_adoptions_total",
+            "Sessions of lost replicas this replica adopted and deleted on the broker",
+            registry=r,
+        )
+        self.adopted_messages = Counter(
+            p + "replica_adopted_messages_total",
+            "Messages taken over from lost replicas' sessions (also in messages_received_total)",
+            registry=r,
+        )

@@ -103,6 +103,9 @@ class Delivery(NamedTuple):
     generation: int  # connection generation it arrived on
     mid: int
     qos: int
+    # Which session it came from: 0 is the daemon's own; a replica adopting a lost replica's
+    # session (ingest.replica.adopt) tags its deliveries so the PUBACK goes back the same way.
+    channel: int = 0
 
 
 # Called on the session's network thread; must not block (it holds up every later message).

@@ -79,13 +79,15 @@ class DaemonProcess:
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, extra_env: Mapping[str, str] | None = None) -> None:
+        """Start it; ``extra_env`` adds variables (fault points) for this start only."""
         log = self.log_path.open("ab")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HM_INGEST_")}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ingest.cli", "run", "--config", str(self.config)],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={k: v for k, v in os.environ.items() if not k.startswith("HM_INGEST_")},
+            env=env | dict(extra_env or {}),
         )
         log.close()
 

@@ -1,0 +1,94 @@
+"""Several replicas sharing one stream: exactly once, spread, and the take-over of a lost one.
+
+    python -m bench.replicas_bench [--replicas 3] [--messages 30000] [--vins 5000]
+                                   [--rate 1500] [--kill follower|leader|follower-logged-unacked]
+                                   [--lease-s 4] [--heartbeat-s 1]
+
+Starts a mutual-TLS Mosquitto, N ``hm-ingest run`` replicas (one shared subscription, one SQLite
+coordination file, one output folder), publishes ``--messages`` across ``--vins`` VINs at
+``--rate``, SIGKILLs one replica a third of the way in, and restarts it once the leader has adopted
+its session. Prints one table: messages lost and duplicated across all outputs, the per-replica
+share of the messages published before the kill, the take-over time (SIGKILL to the adopted
+session deleted on the broker) and the rejoin time. Not part of the test suite; the same scenario
+at a fixed size is ``tests/replica/test_replicas_daemon.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from ingest.argtypes import positive
+from ingest.testing.broker import MosquittoBroker
+from ingest.testing.certs import make_certs
+from ingest.testing.replicas import ReplicaGroup, TakeoverReport, run_takeover
+
+
+def _table(report: TakeoverReport, lease_s: float) -> str:
+    rows = [
+        ("replicas", str(report.replicas)),
+        ("VINs / messages", f"{report.vins} / {report.published}"),
+        ("publish rate", f"{report.publish_rate:,.0f} msg/s"),
+        ("killed", f"{report.killed} ({report.killed_role})"),
+        ("lost / duplicated", f"{report.tally.lost} / {report.tally.duplicated}"),
+        ("telemetry rows", f"{report.tally.rows_written}"),
+        (
+            "share before the kill",
+            ", ".join(f"{k} {v}" for k, v in sorted(report.spread.items()))
+            + f" (max/min {report.spread_ratio:.3f})",
+        ),
+        ("take-over", f"{report.takeover_s:.1f} s (lease {lease_s:g} s)"),
+        ("messages adopted", str(report.adopted_messages)),
+        ("rejoin (restart to ready)", f"{report.rejoin_s:.1f} s"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--replicas", type=int, choices=range(2, 10), default=3)
+    parser.add_argument("--messages", type=int, default=30_000)
+    parser.add_argument("--vins", type=int, default=5_000)
+    parser.add_argument("--rate", type=positive("messages per second"), default=1_500.0)
+    parser.add_argument(
+        "--kill", choices=["follower", "leader", "follower-logged-unacked"], default="follower"
+    )
+    parser.add_argument("--lease-s", type=positive("seconds"), default=4.0)
+    parser.add_argument("--heartbeat-s", type=positive("seconds"), default=1.0)
+    parser.add_argument("--client", choices=["paho", "native"], default="paho")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="replicas-bench-") as folder:
+        root = Path(folder)
+        certs = make_certs(root / "certs")
+        broker = MosquittoBroker(root / "broker", certs)
+        broker.start()
+        group = ReplicaGroup(
+            broker,
+            certs,
+            root / "run",
+            count=args.replicas,
+            lease_s=args.lease_s,
+            heartbeat_s=args.heartbeat_s,
+            client=args.client,
+        )
+        try:
+            report = run_takeover(
+                group,
+                messages=args.messages,
+                vins=args.vins,
+                rate=args.rate,
+                kill=args.kill,
+                progress=lambda line: print(f"... {line}", file=sys.stderr),
+            )
+        finally:
+            group.kill_all()
+            broker.stop()
+    print(_table(report, args.lease_s))
+    return 0 if report.tally.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""Adopting a lost replica's MQTT session: its queued messages into our pipeline, then wipe it.
+
+Why this exists. Replicas share the stream through a shared subscription, and each keeps a
+persistent session. Mosquitto (like the MQTT 5 text allows) goes on handing an *offline* member its
+share of new messages, queued in that member's session. A replica that dies for good would take
+1/N of the stream with it until someone else empties its session. The leader does that here:
+
+1. connect with the lost replica's client id and ``clean session`` off: the broker hands over the
+   session, with every message queued for it and every unacknowledged in-flight one;
+2. UNSUBSCRIBE the shared topic at once, so the broker stops queuing new messages there (they go
+   to the live members);
+3. feed every message into our own intake like any other (logged durably before its PUBACK), with
+   one extra step before each PUBACK: its dedupe key is recorded in the coordination database as
+   *adopted from* that replica. If the lost replica comes back, it loads those keys into its own
+   dedupe index before replaying its log, so a message it had logged but not yet acknowledged when
+   it died (and which the broker therefore redelivered to us) is written once, not twice;
+4. once nothing has arrived for ``quiet_s`` and every message is acknowledged, disconnect, then
+   connect once more with ``clean session`` on, which deletes the session on the broker.
+
+The broker ends our connection if the lost replica reconnects meanwhile (same client id); its
+unacknowledged messages then go back to it, and :meth:`SessionAdopter.run` raises so the caller
+retries later. The coordination database keeps that from happening in practice: a replica does
+not join while a drain claim on it is held (see :mod:`ingest.replica.coordination`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import ssl
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from ingest.batch import dedupe_key
+from ingest.decode import Decoder
+from ingest.errors import BrokerError
+from ingest.mqtt import SOCKET_TIMEOUT_S, Delivery, MessageHandler, MqttOptions, tls_context
+from ingest.wal import LogRecord
+
+log = logging.getLogger("ingest.replica.adopt")
+
+LOOP_S = 0.05
+CONNACK_TIMEOUT_S = 10.0
+# Renew the drain claim at least this often while draining.
+KEEP_CLAIM_EVERY_S = 1.0
+
+# The dedupe key the sink will give a message (ingest.batch.dedupe_key): computed here because
+# it must be recorded before the PUBACK, which the sink comes long after.
+KeyOf = Callable[[str, bytes], str]
+
+
+@dataclass(frozen=True, slots=True)
+class AdoptionReport:
+    replica: str
+    session_present: bool
+    messages: int
+    seconds: float
+
+
+class SessionAdopter:
+    """Drains one lost replica's session into our intake. :meth:`run` blocks; use a thread."""
+
+    def __init__(
+        self,
+        options: MqttOptions,
+        *,
+        replica: str,
+        channel: int,
+        submit: MessageHandler,
+        key_of: KeyOf,
+        record_keys: Callable[[list[str]], None],
+        keep_claim: Callable[[], bool],
+        receive_backlog_full: Callable[[], bool] = lambda: False,
+        quiet_s: float = 1.0,
+        stop: threading.Event | None = None,
+    ) -> None:
+        """``options`` carry the lost replica's client id and the shared topic it subscribed."""
+        self.replica = replica
+        self._options = options
+        self._channel = channel
+        self._submit = submit
+        self._key_of = key_of
+        self._record_keys = record_keys
+        self._keep_claim = keep_claim
+        self._backlog_full = receive_backlog_full
+        self._quiet_s = quiet_s
+        self._stop = stop or threading.Event()
+        # mid -> dedupe key of messages handed to intake and not acknowledged yet (session thread)
+        self._outstanding: dict[int, str] = {}
+        # Deliveries intake has made durable, waiting for their keys to be recorded (any thread).
+        self._durable: deque[Delivery] = deque()
+        self._messages = 0
+        self._last_message_at = time.monotonic()
+        self._connack: tuple[bool, ReasonCode] | None = None
+        self._unsubscribed = False
+        self._lost: str | None = None
+
+    # -- intake thread ----------------------------------------------------------------------
+
+    def ack(self, delivery: Delivery) -> bool:
+        """Intake logged ``delivery`` durably: its key is recorded, then the PUBACK is sent."""
+        self._durable.append(delivery)
+        return True
+
+    # -- the drain (caller's thread) --------------------------------------------------------
+
+    def run(self) -> AdoptionReport:
+        started = time.monotonic()
+        ctx = tls_context(self._options)
+        client = self._client(ctx, clean=False)
+        self._connect(client)
+        session_present = self._await_connack(client)
+        if session_present:
+            client.unsubscribe(self._options.topic)
+            self._drain(client)
+        self._disconnect(client)
+        # Connecting with clean session on deletes what is left of the session on the broker.
+        wipe = self._client(ctx, clean=True)
+        self._connect(wipe)
+        self._await_connack(wipe)
+        self._disconnect(wipe)
+        report = AdoptionReport(
+            self.replica, session_present, self._messages, time.monotonic() - started
+        )
+        log.info(
+            "adopted the session of replica %s: %d message(s) in %.1f s (session present: %s); "
+            "session deleted on the broker",
+            self.replica,
+            report.messages,
+            report.seconds,
+            session_present,
+        )
+        return report
+
+    def _drain(self, client: paho.Client) -> None:
+        next_claim = time.monotonic() + KEEP_CLAIM_EVERY_S
+        while True:
+            if self._stop.is_set():
+                raise BrokerError(
+                    f"adoption of replica {self.replica} interrupted by shutdown; "
+                    "its session is left on the broker and adopted later",
+                    retriable=True,
+                )
+            self._flush_acks(client)
+            # Stop reading while intake is full; keep the connection (and our PUBACKs) moving.
+            rc = client.loop(0 if self._backlog_full() else LOOP_S)
+            if self._backlog_full():
+                time.sleep(LOOP_S)
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or self._lost is not None:
+                raise BrokerError(
+                    f"lost the connection while adopting replica {self.replica}'s session "
+                    f"({self._lost or paho.error_string(rc)}); retried later",
+                    retriable=True,
+                )
+            now = time.monotonic()
+            if now >= next_claim:
+                if not self._keep_claim():
+                    raise BrokerError(
+                        f"drain claim on replica {self.replica} lost; stopping the adoption",
+                        retriable=True,
+                    )
+                next_claim = now + KEEP_CLAIM_EVERY_S
+            if (
+                self._unsubscribed
+                and not self._outstanding
+                and not self._durable
+                and now - self._last_message_at >= self._quiet_s
+            ):
+                return
+
+    def _flush_acks(self, client: paho.Client) -> None:
+        if not self._durable:
+            return
+        deliveries = []
+        while self._durable:
+            deliveries.append(self._durable.popleft())
+        keys = [self._outstanding[d.mid] for d in deliveries if d.mid in self._outstanding]
+        # Durable in the coordination database before the broker may forget the message.
+        self._record_keys(keys)
+        for delivery in deliveries:
+            if self._outstanding.pop(delivery.mid, None) is not None:
+                client.ack(delivery.mid, delivery.qos)
+
+    # -- paho plumbing ----------------------------------------------------------------------
+
+    def _client(self, ctx: ssl.SSLContext, *, clean: bool) -> paho.Client:
+        opts = self._options
+        v5 = opts.protocol == "5"
+        client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=opts.client_id,
+            clean_session=None if v5 else clean,
+            protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+            reconnect_on_failure=False,
+            manual_ack=True,
+        )
+        client.tls_set_context(ctx)
+        if not opts.verify_hostname:
+            client.tls_insecure_set(True)
+        client.connect_timeout = SOCKET_TIMEOUT_S
+        client.on_connect = self._on_connect
+        client.on_message = self._on_message
+        client.on_unsubscribe = self._on_unsubscribe
+        client.on_disconnect = self._on_disconnect
+        client.user_data_set({"clean": clean})
+        return client
+
+    def _connect(self, client: paho.Client) -> None:
+        opts = self._options
+        keepalive = math.ceil(opts.keepalive_s)
+        self._connack = None
+        self._lost = None
+        try:
+            if opts.protocol == "5":
+                clean = bool(client.user_data_get()["clean"])
+                props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+                # Expiry 0 with clean start: the session ends with this connection.
+                props.SessionExpiryInterval = 0 if clean else opts.session_expiry_s
+                props.ReceiveMaximum = opts.receive_maximum
+                client.connect(opts.host, opts.port, keepalive, clean_start=clean, properties=props)
+            else:
+                client.connect(opts.host, opts.port, keepalive)
+        except (OSError, ValueError) as exc:
+            raise BrokerError(
+                f"cannot connect to adopt replica {self.replica}'s session: {exc}", retriable=True
+            ) from exc
+
+    def _await_connack(self, client: paho.Client) -> bool:
+        deadline = time.monotonic() + CONNACK_TIMEOUT_S
+        while self._connack is None:
+            rc = client.loop(LOOP_S)
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or time.monotonic() > deadline:
+                raise BrokerError(
+                    f"no CONNACK while adopting replica {self.replica}'s session "
+                    f"({self._lost or paho.error_string(rc)})",
+                    retriable=True,
+                )
+        session_present, reason = self._connack
+        if reason.is_failure:
+            raise BrokerError(
+                f"broker refused the adoption of replica {self.replica}'s session: {reason}",
+                retriable=True,
+            )
+        return session_present
+
+    def _disconnect(self, client: paho.Client) -> None:
+        client.disconnect()
+        deadline = time.monotonic() + SOCKET_TIMEOUT_S
+        while client.socket() is not None and time.monotonic() < deadline:
+            if client.loop(LOOP_S) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                break
+
+    def _on_connect(
+        self,
+        _client: paho.Client,
+        _userdata: Any,
+        flags: paho.ConnectFlags,
+        reason: ReasonCode,
+        _props: Properties | None,
+    ) -> None:
+        self._connack = (flags.session_present, reason)
+
+    def _on_unsubscribe(
+        self,
+        _client: paho.Client,
+        _userdata: Any,
+        _mid: int,
+        _reasons: list[ReasonCode],
+        _props: Properties | None,
+    ) -> None:
+        self._unsubscribed = True
+
+    def _on_disconnect(
+        self,
+        _client: paho.Client,
+        _userdata: Any,
+        _flags: paho.DisconnectFlags,
+        reason: ReasonCode,
+        _props: Properties | None,
+    ) -> None:
+        self._lost = str(reason)
+
+    def _on_message(self, _client: paho.Client, _userdata: Any, message: paho.MQTTMessage) -> None:
+        payload = bytes(message.payload)
+        if message.qos == 0:
+            return  # nothing queued for us is QoS 0 (we subscribed with QoS 1)
+        self._outstanding[message.mid] = self._key_of(message.topic, payload)
+        self._messages += 1
+        self._last_message_at = time.monotonic()
+        self._submit(message.topic, payload, Delivery(1, message.mid, message.qos, self._channel))
+
+
+def message_key_function(app_id: str | None, max_payload_bytes: int) -> KeyOf:
+    """``key_of`` for :class:`SessionAdopter`: the sink's dedupe key, from topic and payload."""
+    decoder = Decoder(app_id=app_id, max_payload_bytes=max_payload_bytes)
+
+    def key_of(topic: str, payload: bytes) -> str:
+        decoded = decoder.decode(topic, payload, 0)
+        return dedupe_key(decoded, LogRecord(0, 0, topic, payload))
+
+    return key_of
