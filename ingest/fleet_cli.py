@@ -154,12 +154,18 @@ def _add_token(commands: Subparsers) -> None:
         "refresh", help="exchange a refresh token for new tokens (prints them)"
     )
     refresh.add_argument(
-        "refresh_token", metavar="REFRESH_TOKEN", help="the token, or - to read it from stdin"
+        "refresh_token",
+        metavar="REFRESH_TOKEN",
+        help="the token, or - to read it from stdin (put -- before a token that starts with -)",
     )
     _common(refresh)
     refresh.set_defaults(handler=_handler(_token_refresh))
     revoke = actions.add_parser("revoke", help="revoke an access or refresh token")
-    revoke.add_argument("token", metavar="TOKEN", help="the token, or - to read it from stdin")
+    revoke.add_argument(
+        "token",
+        metavar="TOKEN",
+        help="the token, or - to read it from stdin (put -- before a token that starts with -)",
+    )
     revoke.add_argument(
         "--hint", choices=["access_token", "refresh_token"], default="refresh_token"
     )

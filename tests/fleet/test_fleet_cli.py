@@ -213,7 +213,10 @@ async def test_token_vin_refresh_and_revoke(
     assert issued["access_token"].count(".") == 2  # a JWT, printed: that is the command's job
     assert issued["refresh_token"]
 
-    assert await run("token", "refresh", issued["refresh_token"], "--json") == 0
+    # Through stdin: a token may start with "-" (1 in 64 do), which argparse would read as an
+    # option on the command line (there it needs "--" before it).
+    monkeypatch.setattr("sys.stdin", io.StringIO(issued["refresh_token"] + "\n"))
+    assert await run("token", "refresh", "-", "--json") == 0
     refreshed = run.json()
     assert refreshed["access_token"] != issued["access_token"]
 
@@ -221,7 +224,8 @@ async def test_token_vin_refresh_and_revoke(
     monkeypatch.setattr("sys.stdin", io.StringIO(refreshed["refresh_token"] + "\n"))
     assert await run("token", "revoke", "-") == 0
     assert "revoked (refresh_token)" in run.out
-    assert await run("token", "refresh", refreshed["refresh_token"]) == 1
+    monkeypatch.setattr("sys.stdin", io.StringIO(refreshed["refresh_token"] + "\n"))
+    assert await run("token", "refresh", "-") == 1
 
 
 def test_progress_line_draws_only_on_a_terminal() -> None:
