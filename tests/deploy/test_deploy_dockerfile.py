@@ -56,7 +56,7 @@ def test_runs_as_the_same_non_root_user_as_the_kubernetes_pod() -> None:
     run = " ".join(_args("RUN"))
     assert f"--uid {uid} --gid {gid}" in run
     assert f"chown {uid}:{gid} " in run
-    statefulset = yaml.safe_load((K8S / "statefulset.yaml").read_text(encoding="utf-8"))
+    statefulset = yaml.safe_load((K8S / "base" / "statefulset.yaml").read_text(encoding="utf-8"))
     pod = statefulset["spec"]["template"]["spec"]["securityContext"]
     assert (pod["runAsUser"], pod["runAsGroup"], pod["fsGroup"]) == (int(uid), int(gid), int(gid))
     compose = (REPO / "deploy" / "compose.yaml").read_text(encoding="utf-8")

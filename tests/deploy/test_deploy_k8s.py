@@ -1,5 +1,9 @@
 """deploy/k8s: schema-valid manifests (kubernetes-validate ships the API schemas and works
-offline), cross-checked against the daemon's settings, routes and drain deadline."""
+offline), cross-checked against the daemon's settings, routes and drain deadline.
+
+These check the single-pod deployment, ``kubectl apply -k deploy/k8s`` as built by
+tests/deploy/kustomize.py; test_deploy_k8s_replicas.py checks the replicas overlay.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import pytest
 import yaml
 
 from ingest.config import Settings, load_settings
+from tests.deploy.kustomize import build
 from tests.deploy.support import K8S, assert_env_is_valid, http_routes, load_yaml_documents
 
 kubernetes_validate = pytest.importorskip(
@@ -24,21 +29,21 @@ VERSIONS = ("1.28.0", kubernetes_validate.latest_version())
 GRACE_MARGIN_S = 10
 
 
-def _kustomization() -> dict[str, Any]:
-    return yaml.safe_load((K8S / "kustomization.yaml").read_text(encoding="utf-8"))
+def _kustomizations() -> list[Path]:
+    return sorted(K8S.rglob("kustomization.yaml"))
 
 
 def _manifests() -> list[Path]:
-    return sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml")
+    # Patches are fragments (RFC 6902 operations): the built overlay is validated instead.
+    return sorted(
+        p
+        for p in K8S.rglob("*.yaml")
+        if p.name != "kustomization.yaml" and not p.name.endswith("-patch.yaml")
+    )
 
 
 def _resource(kind: str) -> dict[str, Any]:
-    (found,) = [
-        doc
-        for name in _kustomization()["resources"]
-        for doc in load_yaml_documents(K8S / name)
-        if doc["kind"] == kind
-    ]
+    (found,) = [doc for doc in build(K8S) if doc["kind"] == kind]
     return found
 
 
@@ -59,12 +64,18 @@ def _settings(tmp_path: Path) -> Settings:
     return load_settings(path, {})
 
 
-def test_kustomization_lists_existing_files_and_leaves_the_optional_ones_out() -> None:
-    resources = _kustomization()["resources"]
-    for name in resources:
-        assert (K8S / name).is_file(), name
-    assert "secret.example.yaml" not in resources
-    assert not any(name.startswith("optional/") for name in resources)
+@pytest.mark.parametrize("kustomization", _kustomizations(), ids=lambda p: str(p.relative_to(K8S)))
+def test_kustomization_lists_existing_files_and_leaves_the_optional_ones_out(
+    kustomization: Path,
+) -> None:
+    tree = yaml.safe_load(kustomization.read_text(encoding="utf-8"))
+    for name in tree["resources"]:
+        path = (kustomization.parent / name).resolve()
+        assert path.is_file() or (path / "kustomization.yaml").is_file(), name
+        assert not path.name.endswith(".example.yaml"), f"{name}: a template, never applied"
+        assert "optional" not in path.relative_to(K8S).parts, name
+    for patch in tree.get("patches", []):
+        assert (kustomization.parent / patch["path"]).is_file(), patch["path"]
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -175,9 +186,14 @@ def test_pod_is_locked_down_and_sized() -> None:
         assert set(container["resources"][kind]) == {"cpu", "memory"}, kind
 
 
-def test_exactly_one_replica_holds_the_mqtt_session() -> None:
+def test_exactly_one_replica_holds_the_mqtt_session(tmp_path: Path) -> None:
     statefulset = _resource("StatefulSet")
     assert statefulset["spec"]["replicas"] == 1
+    # Without [replica] settings every pod would connect with the one client id: one pod only,
+    # and the old one gone before its replacement starts. Several pods: deploy/k8s/replicas.
+    assert not _settings(tmp_path).replica.enabled
+    assert not any(e["name"].startswith("HM_INGEST_REPLICA_") for e in _container()["env"])
+    assert statefulset["spec"]["podManagementPolicy"] == "OrderedReady"
     assert statefulset["spec"]["serviceName"] == _resource("Service")["metadata"]["name"]
 
 
