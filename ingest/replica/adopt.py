@@ -119,11 +119,14 @@ class SessionAdopter:
         ctx = tls_context(self._options)
         client = self._client(ctx, clean=False)
         self._connect(client)
-        session_present = self._await_connack(client)
-        if session_present:
-            client.unsubscribe(self._options.topic)
-            self._drain(client)
-        self._disconnect(client)
+        try:
+            session_present = self._await_connack(client)
+            if session_present:
+                client.unsubscribe(self._options.topic)
+                self._drain(client)
+        finally:
+            # Also on failure: a clean DISCONNECT leaves what is unacknowledged in the session.
+            self._disconnect(client)
         # Connecting with clean session on deletes what is left of the session on the broker.
         wipe = self._client(ctx, clean=True)
         self._connect(wipe)
@@ -152,10 +155,14 @@ class SessionAdopter:
                     retriable=True,
                 )
             self._flush_acks(client)
-            # Stop reading while intake is full; keep the connection (and our PUBACKs) moving.
-            rc = client.loop(0 if self._backlog_full() else LOOP_S)
             if self._backlog_full():
+                # Stop reading while intake is full; keep our PUBACKs and keepalive going.
+                rc = client.loop_write()
+                if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    rc = client.loop_misc()
                 time.sleep(LOOP_S)
+            else:
+                rc = client.loop(LOOP_S)
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or self._lost is not None:
                 raise BrokerError(
                     f"lost the connection while adopting replica {self.replica}'s session "
