@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
@@ -21,9 +22,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from ingest.config import Settings, env_name
-from ingest.errors import ConfigError, CredentialError, SinkError
+from ingest.errors import ConfigError, CredentialError, IngestError, SinkError
 from ingest.fleet.apiclient import auth_settings
 from ingest.fleet.desired import load_desired_fleet
+from ingest.replica.coordination import DEFAULT_ROLE, Coordinator, Member, redact_url
 from ingest.storage import OutputStore
 
 EXPIRY_WARNING = dt.timedelta(days=30)
@@ -257,8 +259,65 @@ def check_fleet(settings: Settings) -> Iterator[Finding]:
         )
 
 
+def check_replica(settings: Settings) -> Iterator[Finding]:
+    """The coordination database opens, and no live member already uses this replica's id.
+
+    Reads only: no membership row is written, so running ``check`` next to a live group (or
+    before ``run`` starts) changes nobody's view of who is alive. Opening it creates the tables
+    if missing, as the first replica would.
+    """
+    replica = settings.replica
+    if not replica.enabled:
+        return
+    url = replica.coordination.get_secret_value()
+    try:
+        coordinator = Coordinator.open(url, replica=replica.id, lease_s=replica.lease_s)
+    except ConfigError as exc:
+        yield Finding(Level.ERROR, exc.key or "replica.coordination", str(exc))
+        return
+    try:
+        with coordinator:
+            members = coordinator.members()
+            leader = coordinator.leader(DEFAULT_ROLE)
+    except IngestError as exc:  # opened, then the reads failed (a dropped connection)
+        yield Finding(Level.ERROR, "replica.coordination", str(exc))
+        return
+    yield Finding(
+        Level.OK, "replica.coordination", f"{redact_url(url)}: {_group_summary(members, leader)}"
+    )
+    same = [m for m in members if m.alive and m.replica == replica.id]
+    if same:
+        # Two pods with one id share one MQTT client id: the broker disconnects each in turn
+        # ("session taken over") and they fight over one persistent session. It is also what a
+        # restart within lease_s of the previous run looks like, hence a warning, not an error.
+        left_s = max(0.0, same[0].expires_at - time.time())
+        yield Finding(
+            Level.WARN,
+            "replica.id",
+            f"{replica.id!r} is already a live member (its lease has {left_s:.0f} s left): "
+            "another running replica uses this id, or this replica restarted less than "
+            f"replica.lease_s ({replica.lease_s:g} s) ago; two replicas with one id fight over "
+            "one MQTT session, so give each its own [replica] id (HM_INGEST_REPLICA_ID; on "
+            "Kubernetes the StatefulSet pod name)",
+        )
+
+
+def _group_summary(members: list[Member], leader: str | None) -> str:
+    live = [m.replica for m in members if m.alive]
+    lost = [m.replica for m in members if not m.alive]
+    parts = [
+        f"leader {leader}" if leader else "no leader yet",
+        f"{len(live)} live member(s)" + (f": {', '.join(live)}" if live else ""),
+    ]
+    if lost:
+        # Expired rows are replicas presumed lost whose sessions the leader has not adopted yet.
+        parts.append(f"{len(lost)} lost, awaiting adoption: {', '.join(lost)}")
+    return "; ".join(parts)
+
+
 def run_checks(settings: Settings) -> list[Finding]:
     findings = [check_topic(settings), *check_mqtt_credentials(settings), *check_fleet(settings)]
+    findings.extend(check_replica(settings))
     findings.append(check_output(settings.output.path))
     findings.append(check_writable("state.path", settings.state.path))
     if settings.state.log_max_bytes < 2 * settings.state.log_segment_bytes:

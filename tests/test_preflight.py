@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +20,11 @@ from ingest.preflight import (
     Level,
     check_fleet,
     check_mqtt_credentials,
+    check_replica,
     errors,
     run_checks,
 )
+from ingest.replica.coordination import Coordinator
 from ingest.testing.certs import CertBundle
 
 APP_ID = "preflight-test-app"
@@ -175,6 +178,7 @@ def test_long_lived_credentials_have_no_warnings(tmp_path: Path, authority: Auth
 
 def test_output_and_state_directories_are_created(tmp_path: Path, certs: CertBundle) -> None:
     settings = bundle_settings(tmp_path, certs)
+    assert isinstance(settings.output.path, Path)  # a local folder, not an object-store URI
     assert not settings.output.path.exists()
     run_checks(settings)
     assert settings.output.path.is_dir()
@@ -494,3 +498,113 @@ def test_a_complete_fleet_configuration_passes(tmp_path: Path) -> None:
     findings = list(check_fleet(settings))
     assert [f.level for f in findings] == [Level.OK, Level.OK]
     assert "1 vehicle(s)" in findings[1].message
+
+
+# --- [replica]: the coordination database --------------------------------------------------------
+
+LEASE_S = 15.0
+
+
+def _replica_settings(tmp_path: Path, coordination: str, replica: str = "r0") -> Settings:
+    return Settings.model_validate(
+        {
+            "mqtt": {"app_id": "app"},
+            # run_checks creates both folders: keep them out of the working directory.
+            "output": {"path": str(tmp_path / "out")},
+            "state": {"path": str(tmp_path / "state")},
+            "replica": {"id": replica, "coordination": coordination, "lease_s": LEASE_S},
+        }
+    )
+
+
+def _member(url: str, replica: str, *, lease_s: float = LEASE_S, ago_s: float = 0.0) -> None:
+    """``replica`` joins (its clock ``ago_s`` in the past) and leaves its row behind."""
+    with Coordinator.open(
+        url, replica=replica, lease_s=lease_s, clock=lambda: time.time() - ago_s
+    ) as member:
+        assert member.try_join()
+
+
+def _rows(url: str) -> dict[str, float]:
+    with Coordinator.open(url, replica="reader", lease_s=LEASE_S) as reader:
+        return {m.replica: m.expires_at for m in reader.members()}
+
+
+def test_replica_checks_are_silent_for_a_single_daemon(tmp_path: Path) -> None:
+    settings = _replica_settings(tmp_path, "", replica="")
+    assert list(check_replica(settings)) == []
+    assert not [f for f in run_checks(settings) if f.key.startswith("replica.")]
+
+
+def test_coordination_reports_leader_live_and_lost_members_without_joining(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path}/c.sqlite3"
+    _member(url, "r1")
+    _member(url, "r2")
+    _member(url, "r3", ago_s=2 * LEASE_S)  # its lease ran out: lost, not yet adopted
+    with Coordinator.open(url, replica="r1", lease_s=LEASE_S) as r1:
+        assert r1.try_lead()
+    rows = _rows(url)
+
+    findings = list(check_replica(_replica_settings(tmp_path, url)))
+
+    [finding] = findings
+    assert (finding.level, finding.key) == (Level.OK, "replica.coordination")
+    assert "leader r1" in finding.message
+    assert "2 live member(s): r1, r2" in finding.message
+    assert "1 lost, awaiting adoption: r3" in finding.message
+    assert _rows(url) == rows  # no membership row written or renewed for r0
+
+
+def test_an_empty_coordination_database_has_no_leader_yet(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/c.sqlite3"
+    [finding] = check_replica(_replica_settings(tmp_path, url))
+    assert finding.level == Level.OK
+    assert finding.message.endswith("no leader yet; 0 live member(s)")
+    assert _rows(url) == {}
+
+
+def test_another_live_member_with_this_id_is_a_warning(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/c.sqlite3"
+    _member(url, "r0")
+    _member(url, "r1")
+    rows = _rows(url)
+
+    findings = list(check_replica(_replica_settings(tmp_path, url, "r0")))
+
+    assert [f.level for f in at(findings, Level.OK, "replica.coordination")] == [Level.OK]
+    [warning] = at(findings, Level.WARN, "replica.id")
+    assert "'r0' is already a live member" in warning.message
+    assert "HM_INGEST_REPLICA_ID" in warning.message
+    assert _rows(url) == rows  # the other r0's lease is left exactly as it was
+    # A lost member with this id is the normal restart after a crash: no warning.
+    _member(url, "r9", ago_s=2 * LEASE_S)
+    restarted = list(check_replica(_replica_settings(tmp_path, url, "r9")))
+    assert at(restarted, Level.WARN, "replica.id") == []
+
+
+@pytest.mark.parametrize(
+    ("coordination", "expected"),
+    [
+        ("sqlite:///{tmp}/missing/c.sqlite3", "does not exist"),
+        ("sqlite://relative.sqlite3", "not an absolute SQLite path"),
+        ("mysql://db.internal/hm", "unsupported database"),
+        # Port 1: nothing listens, so the connection is refused at once.
+        ("postgresql://hm:s3cret@127.0.0.1:1/hm", "cannot use the coordination database"),
+    ],
+)
+def test_an_unusable_coordination_database_is_an_error(
+    tmp_path: Path, coordination: str, expected: str
+) -> None:
+    if coordination.startswith("postgresql"):
+        pytest.importorskip("psycopg", reason="psycopg 3 is not installed (extra 'postgres')")
+    settings = _replica_settings(tmp_path, coordination.format(tmp=tmp_path))
+
+    findings = run_checks(settings)
+
+    [finding] = [f for f in findings if f.key.startswith("replica.")]
+    assert (finding.level, finding.key) == (Level.ERROR, "replica.coordination")
+    assert expected in finding.message
+    assert "s3cret" not in finding.message  # the password is masked
+    assert finding in errors(findings)
