@@ -68,6 +68,7 @@ class Pipeline:
     dedupe: DedupeIndex
 
     def close(self) -> None:
+        self.sink.close()  # releases the Iceberg catalog's connections, if any
         self.dedupe.close()
         self.wal.close()
 
@@ -100,6 +101,12 @@ def open_pipeline(
         state_dir / "dedupe.sqlite3", retention_s=settings.state.dedupe_retention_s
     )
     level = settings.output.compression_level
+    tables = None
+    if settings.iceberg.enabled:
+        # Imported only when wanted: pyiceberg is an optional extra.
+        from ingest.iceberg import open_tables  # noqa: PLC0415
+
+        tables = open_tables(settings)
     sink = Sink(
         wal=wal,
         checkpoints=checkpoints,
@@ -129,6 +136,7 @@ def open_pipeline(
             max_age_s=settings.output.flush_age_s,
         ),
         metrics=metrics,
+        tables=tables,
     )
     if before_replay is not None:
         before_replay(dedupe)

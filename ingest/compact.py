@@ -435,6 +435,14 @@ def compact(settings: Settings, policy: Policy, *, today: date | None = None) ->
             f"no checkpoint in {state}: compaction needs the daemon's [state] path to know which "
             "files are committed; point --config at the daemon's settings"
         )
+    if settings.iceberg.enabled:
+        raise CompactionError(
+            "[iceberg] enabled = true: the Iceberg tables reference the Parquet files under "
+            f"{store.display}/telemetry and /rejected by name, and merging them deletes files the "
+            "tables still read; compact through the tables instead (Spark: CALL "
+            "<catalog>.system.rewrite_data_files('hm_ingest.telemetry'); Trino: ALTER TABLE ... "
+            "EXECUTE optimize), or set [iceberg] enabled = false if nothing reads the tables"
+        )
     compactor = Compactor(
         store,
         state,

@@ -198,6 +198,9 @@ class IcebergSettings(_Section):
     namespace: str = Field("hm_ingest", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     # Extra catalog properties passed through to pyiceberg (credentials, regions, ...).
     properties: dict[str, str] = Field(default_factory=dict)
+    # Snapshots kept per table (one per batch); older ones are expired (metadata only, no file
+    # is deleted). pyiceberg's commit time grows with the snapshot count (~4 ms per snapshot).
+    keep_snapshots: int = Field(50, ge=1)
 
 
 class Settings(_Section):

@@ -4,6 +4,7 @@ Commit protocol for one batch of records ``[first, last]`` (see :mod:`ingest.che
 
     checkpoint.begin(first, last)      intent is durable before any file exists
     write telemetry/ and rejected/     files named part-<first>-<last>.parquet, tmp+fsync+rename
+    tables.append(first, last, files)  optional (ingest.iceberg): one snapshot per table
     dedupe.record(keys)                message ids remembered with the lsn that first wrote them
     checkpoint.commit(last)            the batch is done
     wal.release_through(last)          segments wholly at or below ``last`` are deleted
@@ -12,6 +13,11 @@ A crash anywhere in there leaves either no intent (nothing was written: replay b
 an intent, which start-up replays as exactly the same range; the replay first removes whatever
 files the interrupted attempt left and then writes the same names again. Dedupe decisions depend
 only on keys seen at *smaller* lsns, so a replay decides exactly as the first attempt did.
+
+With table appends (Iceberg), a replayed intent first asks each table whether the interrupted
+attempt's append landed. Where it did, that table's files are left as they are (they are complete,
+and the table references them: removing and rewriting them would pull them out from under readers)
+and not appended again; the other tables' files are rewritten and appended as usual.
 """
 
 from __future__ import annotations
@@ -20,8 +26,11 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
+
+import pyarrow as pa
 
 from ingest.batch import PendingBatch, dedupe_key
 from ingest.checkpoint import Checkpoint, CheckpointStore
@@ -47,6 +56,21 @@ REJECTED_NOT_CLEARED = "not_cleared"
 ClearanceGate = Callable[[str], str | None]
 
 
+class BatchTables(Protocol):
+    """Table formats that record each committed batch too (:class:`ingest.iceberg` tables)."""
+
+    def holds(self, table: str, first_lsn: int, last_lsn: int) -> bool:
+        """Whether ``table`` already holds exactly this batch (asked for replayed intents)."""
+
+    def append(
+        self, first_lsn: int, last_lsn: int, files: Mapping[str, Sequence[WrittenFile]]
+    ) -> None:
+        """Record the batch's files, per table; a table that holds the batch is skipped."""
+
+    def close(self) -> None:
+        """Release connections (the catalog's)."""
+
+
 @dataclass(frozen=True, slots=True)
 class FlushPolicy:
     max_rows: int
@@ -69,6 +93,7 @@ class Sink:
         policy: FlushPolicy,
         metrics: Metrics,
         gate: ClearanceGate | None = None,
+        tables: BatchTables | None = None,
     ) -> None:
         self._wal = wal
         self._checkpoints = checkpoints
@@ -79,6 +104,7 @@ class Sink:
         self._policy = policy
         self._metrics = metrics
         self._gate = gate
+        self._tables = tables
         self._queue: queue.SimpleQueue[list[LogRecord]] = queue.SimpleQueue()
         self._batch: PendingBatch | None = None
         self.committed_lsn = 0
@@ -88,6 +114,11 @@ class Sink:
 
     def set_gate(self, gate: ClearanceGate | None) -> None:
         self._gate = gate
+
+    def close(self) -> None:
+        """Release what the sink holds open besides the log and index (the tables' catalog)."""
+        if self._tables is not None:
+            self._tables.close()
 
     # -- start-up ---------------------------------------------------------------------------------
     def replay(self, checkpoint: Checkpoint) -> int:
@@ -163,6 +194,11 @@ class Sink:
             self._add_chunk(records)
             if self._due():
                 self._flush_until_done(replaying_intent=False, stop=stop)
+                if self._batch is not None:
+                    # Stopped while the output was unwritable: what is pending stays in the log
+                    # for the next start. Taking more records would extend the batch whose
+                    # intent is already recorded, which begin() refuses.
+                    return
             self._publish_age()
 
     def _due(self) -> bool:
@@ -274,20 +310,31 @@ class Sink:
         started = time.perf_counter()
         first, last = batch.first_lsn, batch.last_lsn
         self._checkpoints.begin(first, last)
+        outputs: list[tuple[PartitionedWriter, pa.Table, str, str | None]] = [
+            (self._telemetry, batch.telemetry.table(), "timestamp", "received_at"),
+            (self._rejected, batch.rejected.table(), "received_at", None),
+        ]
+        held = self._tables_holding(first, last) if replaying_intent else set()
         if replaying_intent:
-            self._remove_range(first, last)
-        written = self._telemetry.write(
-            batch.telemetry.table(),
-            first_lsn=first,
-            last_lsn=last,
-            date_column="timestamp",
-            fallback_date_column="received_at",
-        )
-        written += self._rejected.write(
-            batch.rejected.table(), first_lsn=first, last_lsn=last, date_column="received_at"
-        )
+            self._remove_range(first, last, keep=held)
+        by_table: dict[str, list[WrittenFile]] = {}
+        for writer, rows, date_column, fallback in outputs:
+            if writer.table in held:
+                continue
+            by_table[writer.table] = writer.write(
+                rows,
+                first_lsn=first,
+                last_lsn=last,
+                date_column=date_column,
+                fallback_date_column=fallback,
+            )
+        written = [file for files in by_table.values() for file in files]
         if faultpoints.ACTIVE:
             faultpoints.hit("sink.files_written")
+        if self._tables is not None:
+            # After the files (the tables reference them), before the batch is committed: a
+            # crash in between replays the intent, and holds() keeps it from a second append.
+            self._tables.append(first, last, by_table)
         self._dedupe.record([(key, lsn, batch.seen_at_us[key]) for key, lsn in batch.seen.items()])
         if faultpoints.ACTIVE:
             faultpoints.hit("sink.dedupe_recorded")
@@ -321,10 +368,27 @@ class Sink:
         if removed:
             log.info("dedupe index: forgot %d message id(s) past retention", removed)
 
-    def _remove_range(self, first: int, last: int) -> None:
+    def _tables_holding(self, first: int, last: int) -> set[str]:
+        """The output tables whose table-format append of this batch landed before a crash."""
+        tables = self._tables
+        if tables is None:
+            return set()
+        names = (self._telemetry.table, self._rejected.table)
+        held = {name for name in names if tables.holds(name, first, last)}
+        if held:
+            log.info(
+                "replayed lsn %d..%d is already in table(s) %s: kept as written, not appended",
+                first,
+                last,
+                ", ".join(sorted(held)),
+            )
+        return held
+
+    def _remove_range(self, first: int, last: int, *, keep: set[str]) -> None:
         """Delete the files an interrupted attempt at this exact range may have left."""
         for writer in (self._telemetry, self._rejected):
-            writer.remove_batch(first, last)  # local folder or object store alike
+            if writer.table not in keep:
+                writer.remove_batch(first, last)  # local folder or object store alike
 
     def _account(self, batch: PendingBatch, written: list[WrittenFile]) -> None:
         metrics = self._metrics

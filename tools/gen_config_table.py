@@ -166,6 +166,48 @@ MEANINGS: dict[str, str] = {
         "with it. Empty: every delivery is refused (401)."
     ),
     "webhook.max_body_bytes": "Largest webhook body accepted; a longer one gets 413 unread.",
+    "replica.id": (
+        "This daemon's id as one of several replicas sharing the stream (on Kubernetes the pod "
+        "name). Empty: a single daemon. Set: client id `<client_id>-<id>`, a shared "
+        "subscription, file names `part-<id>-…`; see docs/scaling.md."
+    ),
+    "replica.mode": (
+        "How replicas split the stream: `shared`, an MQTT shared subscription "
+        "(`$share/<group>/<topic>`); the broker must support it."
+    ),
+    "replica.group": "Shared subscription group name; the same for every replica of one group.",
+    "replica.coordination": (
+        "Database the replicas share for membership, leader election and session adoption: "
+        "`sqlite:////path` (replicas on one host) or `postgresql://…` (anywhere). Required "
+        "with `replica.id`."
+    ),
+    "replica.lease_s": (
+        "A replica silent this long is declared lost: the leader adopts its MQTT session and "
+        "the leader lease passes on."
+    ),
+    "iceberg.enabled": (
+        "Also append every committed batch to Apache Iceberg tables `telemetry` and `rejected` "
+        "(one snapshot per batch, the plain files registered in place; docs/iceberg.md). Needs "
+        "the `iceberg` extra."
+    ),
+    "iceberg.catalog": "Iceberg catalog: `sql` (embedded SQLite by default), `rest` or `glue`.",
+    "iceberg.uri": (
+        "`sql`: a SQLAlchemy URL (empty: a SQLite file under `state.path`); `rest`: the "
+        "catalog's URL."
+    ),
+    "iceberg.warehouse": "Where table metadata lives (empty: `<output.path>/iceberg`).",
+    "iceberg.namespace": "Namespace of the two tables.",
+    "iceberg.properties": (
+        "Extra catalog properties passed to pyiceberg (credentials, region, …); TOML only."
+    ),
+    "iceberg.keep_snapshots": (
+        "Snapshots kept per table; older ones expire (metadata only, no file is deleted). "
+        "pyiceberg's commit time grows with the count."
+    ),
+    "replica.heartbeat_s": (
+        "How often a replica renews its leases and the leader looks for lost replicas; at most "
+        "half of `lease_s`."
+    ),
 }
 
 
@@ -189,6 +231,8 @@ def _size(value: int) -> str:
 
 def _default(key: str, field: FieldInfo) -> str:
     value: Any = field.default
+    if value is PydanticUndefined and field.default_factory is not None:
+        value = field.default_factory()  # type: ignore[call-arg]
     if value is PydanticUndefined:
         return "(required)"
     if value is None:
