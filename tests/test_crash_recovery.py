@@ -11,8 +11,11 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from ingest.testing import CertBundle, MosquittoBroker, Publisher
 from ingest.testing.daemon import (
@@ -39,6 +42,14 @@ def _start_daemon(
     daemon.start()
     wait_ready(tree)
     return daemon
+
+
+def _acked(tree: dict[str, dict[str, Any]]) -> float:
+    text = httpx.get(f"http://{tree['metrics']['listen']}/metrics", timeout=2).text
+    for family in text_string_to_metric_families(text):
+        if family.name == "hm_ingest_messages_acked":
+            return sum(sample.value for sample in family.samples if sample.name.endswith("_total"))
+    return 0.0
 
 
 def _publish_in_background(
@@ -126,9 +137,16 @@ def test_sigterm_drains_everything_acknowledged(
     messages = list(stream(APP_ID, 5000, seed=14))
     output = tmp_path / "data"
     # A long flush age: nothing is committed before the drain, so the drain must do it all.
-    daemon = _start_daemon(broker, certs, tmp_path, output={"flush_age_s": 3600.0})
+    tree = daemon_config(broker, certs, tmp_path, overrides={"output": {"flush_age_s": 3600.0}})
+    daemon = DaemonProcess(write_toml(tree, tmp_path / "c.toml"), tmp_path / "daemon.log")
+    daemon.start()
+    wait_ready(tree)
     try:
         _publish_in_background(broker, certs, messages).join(120)
+        # The broker acknowledged every publish; the daemon may still be receiving the tail of
+        # them (acks pause while the sink catches up). SIGTERM once all are acknowledged *by
+        # the daemon*: from then on only the drain can commit them.
+        wait_for(lambda: _acked(tree) >= len(messages), 60, f"the daemon to ack {len(messages)}")
         started = time.monotonic()
         daemon.signal(signal.SIGTERM)
         assert daemon.wait(30) == 0, daemon.log_text()[-3000:]
