@@ -190,6 +190,10 @@ class MosquittoBroker:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            # Its own session, so a terminal's Ctrl-C (SIGINT to the foreground process group)
+            # does not reach it: whoever started it stops it (stop()/kill() signal its PID), after
+            # its clients have drained. Otherwise the daemon would lose its broker mid-drain.
+            start_new_session=True,
         )
         deadline = time.monotonic() + START_TIMEOUT_S
         ports = [self._port] + ([self._plain_port] if self._plain_port is not None else [])

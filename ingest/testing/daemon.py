@@ -88,6 +88,10 @@ class DaemonProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env | dict(extra_env or {}),
+            # Its own session, so a terminal's Ctrl-C reaches only whoever started it (the demo,
+            # a test), which then stops it by PID, in order: the daemon drains while the broker
+            # is still up.
+            start_new_session=True,
         )
         log.close()
 
