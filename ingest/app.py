@@ -53,6 +53,8 @@ from ingest.session_options import adopted_session_options, mqtt_options, subscr
 from ingest.sink import FlushPolicy, Sink
 from ingest.storage import OutputStore
 from ingest.threads import run_in_thread
+from ingest.volumes import refresh as refresh_volumes
+from ingest.volumes import watched_volumes
 from ingest.wal import Durability, WriteAheadLog
 from ingest.webhook import ClearanceChange, WebhookReceiver
 
@@ -396,8 +398,11 @@ class Daemon:
         await self.control.on_webhook(change)
 
     async def _heartbeat(self) -> None:
+        volumes = watched_volumes(self.settings)
         while True:
             self.health.beat()
+            # One statvfs per volume a second: cheap, and the gauge is never older than a beat.
+            refresh_volumes(self.metrics.volume_available, volumes)
             await asyncio.sleep(HEARTBEAT_S)
 
     def _register_probes(self, intake: Intake, sink: Sink, session: ReceiveSession) -> None:

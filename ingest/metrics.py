@@ -98,6 +98,15 @@ class Metrics:
             registry=r,
         )
 
+        # Disk (ingest.volumes): refreshed on the heartbeat; no output series for an object store
+        self.volume_available = Gauge(
+            p + "volume_available_bytes",
+            "Bytes an unprivileged writer may still use on the filesystem holding the state "
+            "folder or the local output folder",
+            ["volume"],
+            registry=r,
+        )
+
         # Liveness
         self.last_commit_time = Gauge(
             p + "last_commit_timestamp_seconds",
