@@ -77,6 +77,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"share of messages damaged on purpose (default {DEFAULTS.bad_rate})",
     )
     parser.add_argument(
+        "--malformed-rate",
+        type=probability,
+        default=DEFAULTS.malformed_rate,
+        metavar="P",
+        help=f"share of messages that are not JSON at all (default {DEFAULTS.malformed_rate})",
+    )
+    parser.add_argument(
         "--seed", type=int, default=DEFAULTS.seed, help="stream seed (default %(default)s)"
     )
 
@@ -98,6 +105,7 @@ def main(args: argparse.Namespace) -> int:
         vehicles=args.vehicles,
         vehicle_rate=args.rate,
         bad_rate=args.bad_rate,
+        malformed_rate=args.malformed_rate,
         seed=args.seed,
     )
     try:

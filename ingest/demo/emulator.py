@@ -48,6 +48,7 @@ class EmulatorProcess:
         webhook_url: str,
         vehicle_rate: float,
         bad_rate: float,
+        malformed_rate: float,
         seed: int,
         decision_delay_s: float,
     ) -> dict[str, Any]:
@@ -67,6 +68,7 @@ class EmulatorProcess:
             "--stream-format", "both",
             "--stream-vehicle-rate", str(vehicle_rate),
             "--bad-rate", str(bad_rate),
+            "--malformed-rate", str(malformed_rate),
             "--stream-seed", str(seed),
             "--stream-paused",
         ]  # fmt: skip

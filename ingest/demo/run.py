@@ -58,6 +58,7 @@ class Options:
     vehicles: int = 8
     vehicle_rate: float = 5.0  # messages/s per approved vehicle
     bad_rate: float = 0.01  # share of publishes damaged on purpose, for the quarantine
+    malformed_rate: float = 0.005  # share that is not JSON at all (quarantined as such)
     seed: int = 1
 
 
@@ -225,6 +226,7 @@ class Demo:
             webhook_url=f"http://{listen}/webhook",
             vehicle_rate=self.options.vehicle_rate,
             bad_rate=self.options.bad_rate,
+            malformed_rate=self.options.malformed_rate,
             seed=self.options.seed,
             decision_delay_s=DECISION_DELAY_S,
         )

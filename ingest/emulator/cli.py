@@ -25,6 +25,7 @@ from ingest.emulator.stream.config import (
     DEFAULT_BAD_RATE,
     DEFAULT_DUPLICATE_RATE,
     DEFAULT_FAILURE_RATE,
+    DEFAULT_MALFORMED_RATE,
     DEFAULT_RATE,
     ENVIRONMENTS,
     FORMATS,
@@ -34,9 +35,10 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 # Flags that only mean something with --mqtt-broker (a typo'd broker flag must not be ignored).
 STREAM_ONLY = (
-    "mqtt_ca", "mqtt_cert", "mqtt_key", "mqtt_client_id", "app_id", "stream_environment",
-    "stream_format", "stream_rate", "stream_vehicle_rate", "duplicate_rate", "bad_rate",
-    "failure_rate", "stream_seed", "stream_vehicles", "stream_paused",
+    "mqtt_ca", "mqtt_cert", "mqtt_key", "mqtt_client_id", "mqtt_no_verify_hostname", "app_id",
+    "stream_environment", "stream_format", "stream_rate", "stream_vehicle_rate",
+    "duplicate_rate", "bad_rate", "malformed_rate", "failure_rate", "stream_seed",
+    "stream_vehicles", "stream_paused",
 )  # fmt: skip
 
 
@@ -95,6 +97,13 @@ def _add_stream_arguments(group: argparse._ArgumentGroup) -> None:
     add("--mqtt-cert", type=Path, metavar="FILE", help="client certificate (PEM)")
     add("--mqtt-key", type=Path, metavar="FILE", help="its unencrypted private key (PEM)")
     add("--mqtt-client-id", metavar="ID", help="default: hm-emulator-stream-<random>")
+    add(
+        "--mqtt-no-verify-hostname",
+        action="store_true",
+        default=None,
+        help="accept a broker certificate that does not name the --mqtt-broker host (the chain "
+        "is still verified); for local stacks with throwaway certificates only",
+    )
     add("--app-id", metavar="ID", help="HM application id in the topics (required)")
     add("--stream-environment", choices=ENVIRONMENTS, help="topic prefix (default live)")
     add(
@@ -123,6 +132,13 @@ def _add_stream_arguments(group: argparse._ArgumentGroup) -> None:
         type=probability,
         metavar="P",
         help=f"share of publishes damaged on purpose (default {DEFAULT_BAD_RATE})",
+    )
+    add(
+        "--malformed-rate",
+        type=probability,
+        metavar="P",
+        help="share of publishes that are not JSON (cut short, trailing garbage, NaN, bad UTF-8), "
+        f"message id still readable (default {DEFAULT_MALFORMED_RATE})",
     )
     add(
         "--failure-rate",
@@ -179,6 +195,7 @@ def stream_config_from_args(args: argparse.Namespace) -> StreamConfig | None:
         vehicle_rate=vehicle_rate,
         duplicate_rate=_or(args.duplicate_rate, DEFAULT_DUPLICATE_RATE),
         bad_rate=_or(args.bad_rate, DEFAULT_BAD_RATE),
+        malformed_rate=_or(args.malformed_rate, DEFAULT_MALFORMED_RATE),
         failure_rate=_or(args.failure_rate, DEFAULT_FAILURE_RATE),
         # A random seed by default, reported in the JSON line so a run can be reproduced.
         seed=args.stream_seed if args.stream_seed is not None else secrets.randbelow(2**31),
@@ -193,6 +210,7 @@ def stream_config_from_args(args: argparse.Namespace) -> StreamConfig | None:
         args.mqtt_cert,
         args.mqtt_key,
         args.mqtt_client_id or f"hm-emulator-stream-{uuid.uuid4().hex[:8]}",
+        verify_hostname=not args.mqtt_no_verify_hostname,
     )
     return StreamConfig(settings, broker)
 

@@ -7,6 +7,8 @@ config` runs too where a Docker CLI with the compose plugin exists.
 
 from __future__ import annotations
 
+import argparse
+import json
 import re
 import shutil
 import subprocess
@@ -16,9 +18,14 @@ from typing import Any
 
 import pytest
 import yaml
+from paho.mqtt.client import topic_matches_sub
 
+from ingest.cli import build_parser
 from ingest.config import Settings, load_settings
+from ingest.emulator.cli import stream_config_from_args
+from ingest.emulator.stream.runner import extra_vin
 from ingest.testing.certs import make_certs
+from ingest.topics import v1_topic, v2_topic
 from tests.deploy.support import DEPLOY, REPO, assert_env_is_valid, dockerfile, final_stage
 
 COMPOSE = DEPLOY / "compose.yaml"
@@ -205,3 +212,67 @@ def test_ports_and_healthchecks_line_up_with_the_daemon() -> None:
     emulator_port = _services()["emulator"]["ports"][0].rsplit(":", 1)[1]
     assert settings.api.base_url == f"http://emulator:{emulator_port}/v1"
     assert f"http://hm-ingest:{port}/webhook" in _services()["emulator"]["command"]
+
+
+def _emulator_args() -> argparse.Namespace:
+    """The emulator service's command as ``hm-ingest`` (the image's ENTRYPOINT) parses it."""
+    entrypoint = [args for keyword, args in final_stage(dockerfile()) if keyword == "ENTRYPOINT"]
+    assert [json.loads(args) for args in entrypoint][-1:] == [["hm-ingest"]]
+    command = _services()["emulator"]["command"]
+    assert all(isinstance(arg, str) for arg in command), "quote numbers: argv items are strings"
+    args = build_parser().parse_args(command)
+    assert args.command == "emulator"
+    return args
+
+
+def test_emulator_streams_into_the_daemons_broker_under_its_app_id() -> None:
+    settings = _daemon_settings().mqtt
+    args = _emulator_args()
+    assert args.mqtt_broker == f"{settings.host}:{settings.port}", (
+        "the emulator must publish to the broker the daemon subscribes on"
+    )
+    assert args.app_id == settings.app_id
+    # The broker keys sessions by client id: the same id would make them cut each other off.
+    assert args.mqtt_client_id
+    assert args.mqtt_client_id != settings.client_id
+    # The throwaway server certificate names localhost, not `mosquitto`, for both clients.
+    assert bool(args.mqtt_no_verify_hostname) is not settings.verify_hostname
+    # Something streams without the clearance loop (off until credentials are set).
+    assert int(args.stream_vehicles or 0) > 0
+    depends = _services()["emulator"]["depends_on"]
+    assert depends["certs"]["condition"] == "service_completed_successfully"
+    assert "mosquitto" in depends
+
+
+def test_emulator_uses_the_daemons_certificates_from_the_certs_volume() -> None:
+    settings = _daemon_settings().mqtt
+    args = _emulator_args()
+    assert (args.mqtt_ca, args.mqtt_cert, args.mqtt_key) == (
+        settings.ca_file,
+        settings.cert_file,
+        settings.key_file,
+    )
+    mounts = _mounts(_services()["emulator"])
+    for path in (args.mqtt_ca, args.mqtt_cert, args.mqtt_key):
+        assert mounts[str(path.parent)] == "certs", f"{path} is not on the certs volume"
+    assert "certs:/certs:ro" in _services()["emulator"]["volumes"]
+
+
+def test_emulator_stream_flags_pass_its_own_checks_and_hit_the_daemons_topic(
+    tmp_path: Path,
+) -> None:
+    """What the emulator checks at start (files exist, rates, app id), with the certificate paths
+    mapped to a real set; then its topics against the daemon's subscription."""
+    bundle = make_certs(tmp_path)
+    args = _emulator_args()
+    for name in ("mqtt_ca", "mqtt_cert", "mqtt_key"):
+        local = bundle.directory / getattr(args, name).name
+        assert local.is_file(), f"the certs job writes no {local.name}"
+        setattr(args, name, local)
+    config = stream_config_from_args(args)
+    assert config is not None
+    subscription = _daemon_settings().mqtt.resolved_topic
+    stream = config.settings
+    v1 = v1_topic(stream.environment, stream.app_id, extra_vin(0), "diagnostics", "speed")
+    for topic in (v1, v2_topic(stream.environment, stream.app_id)):
+        assert topic_matches_sub(subscription, topic), f"{topic} is not under {subscription}"

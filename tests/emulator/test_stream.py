@@ -24,7 +24,15 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from ingest.decode import Decoder
 from ingest.emulator import Behaviour, Delays, EmulatorConfig, EmulatorServer, ManualClock
-from ingest.emulator.stream import BAD_KINDS, BrokerTarget, StreamConfig, StreamSettings
+from ingest.emulator.stream import (
+    BAD_KINDS,
+    MALFORMED_KINDS,
+    BrokerTarget,
+    StreamConfig,
+    StreamConnectError,
+    StreamSettings,
+)
+from ingest.testing.accounting import payload_message_id
 from ingest.testing.broker import MosquittoBroker
 from ingest.testing.certs import CertBundle
 
@@ -335,6 +343,68 @@ async def test_extra_vehicles_are_cleared_and_streamed(
         ),
         "every extra VIN to publish",
     )
+
+
+async def test_malformed_messages_are_counted_as_bad_and_quarantined_as_not_json(
+    emu_factory: Callable[..., Any], subscriber: Subscriber
+) -> None:
+    emu = await emu_factory(duplicate_rate=0.0, bad_rate=0.0, malformed_rate=0.3, format="v1")
+    assert (await emu.put_stream(malformed_rate=0.9, bad_rate=0.2)).status_code == 400
+    await emu.register(APPROVED)
+    await emu.decide(APPROVED, "approved")
+    await wait_until(lambda: len(subscriber.snapshot()) >= 200, "200 messages")
+    counters = await stream_drained(emu, subscriber)
+
+    assert counters["settings"]["malformed_rate"] == 0.3
+    decoder = Decoder(app_id=APP_ID)
+    reasons: Counter[str] = Counter()
+    good_ids: set[str] = set()
+    quarantined_ids: list[str | None] = []
+    for topic, payload in subscriber.snapshot():
+        result = decoder.decode(topic, payload, 0)
+        if result.rejection is None:
+            good_ids.add(result.message_id or "")
+        else:
+            reasons[result.rejection.reason] += 1
+            quarantined_ids.append(payload_message_id(payload))
+    totals = counters["totals"]
+    assert set(reasons) <= set(MALFORMED_KINDS.values())
+    assert sum(reasons.values()) == totals["bad"] == sum(totals["bad_kinds"].values()) > 0
+    assert set(totals["bad_kinds"]) <= set(MALFORMED_KINDS)
+    assert counters["vehicles"][APPROVED]["bad"] == totals["bad"]
+    # Every malformed message has its own id, readable from the raw bytes, unlike any good one.
+    assert None not in quarantined_ids
+    assert len(set(quarantined_ids)) == len(quarantined_ids)
+    assert not good_ids & set(quarantined_ids)
+
+
+async def test_hostname_check_is_on_unless_turned_off(tmp_path: Path, certs: CertBundle) -> None:
+    """A broker whose certificate names another host: refused, unless the check is off (the
+    compose stack's case), and even then the chain is still verified."""
+    broker = MosquittoBroker(
+        tmp_path / "wrong-host-broker",
+        certs,
+        server_cert=certs.wrong_host_server_cert,
+        server_key=certs.wrong_host_server_key,
+    )
+    with broker:
+        config = stream_config(broker, certs, vehicles=1)
+        checked = EmulatorServer(tmp_path / "a", config=CONFIG, stream=config)
+        with pytest.raises(StreamConnectError, match=r"certificate|hostname|match"):
+            await checked.__aenter__()
+
+        unchecked = replace(config, broker=replace(config.broker, verify_hostname=False))
+        async with EmulatorServer(tmp_path / "b", config=CONFIG, stream=unchecked) as server:
+            stream = server.stream
+            assert stream is not None
+            await wait_until(lambda: stream.counters.acked >= 5, "PUBACKs without a name check")
+
+        foreign = replace(
+            unchecked,
+            broker=replace(unchecked.broker, ca_file=certs.other_ca_file),
+        )
+        with pytest.raises(StreamConnectError):
+            await EmulatorServer(tmp_path / "c", config=CONFIG, stream=foreign).__aenter__()
 
 
 def test_same_seed_same_stream(tmp_path: Path, certs: CertBundle) -> None:

@@ -13,6 +13,7 @@ import pytest
 
 from ingest import cli
 from ingest.emulator import EmulatorServer
+from ingest.emulator import cli as emulator_cli
 from ingest.testing.broker import MosquittoBroker, free_port
 from ingest.testing.certs import CertBundle
 from ingest.testing.daemon import wait_for
@@ -50,6 +51,9 @@ def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
         (["--stream-vehicles", "-2"], "expected a whole number >= 0"),
         (["--stream-seed", "0"], "--stream-seed needs --mqtt-broker"),
         (["--app-id", "a", "--stream-paused"], "--app-id, --stream-paused need --mqtt-broker"),
+        (["--malformed-rate", "0.1"], "--malformed-rate needs --mqtt-broker"),
+        (["--mqtt-no-verify-hostname"], "--mqtt-no-verify-hostname needs --mqtt-broker"),
+        (["--malformed-rate", "-0.1"], "expected a probability from 0 to 1, got '-0.1'"),
     ],
 )
 def test_flag_errors_exit_2_naming_the_flag(
@@ -69,6 +73,22 @@ def test_missing_certificate_file_is_named(
     code, err = run([*argv, "--app-id", APP_ID], capsys)
     assert code == 2
     assert f"--mqtt-key {tmp_path / 'nope.key'}: no such file" in err
+
+
+def test_malformed_rate_and_hostname_flags_reach_the_stream(
+    tmp_path: Path, certs: CertBundle
+) -> None:
+    base = ["emulator", "--state-dir", str(tmp_path), "--mqtt-broker", "mosquitto:8883"]
+    base += [*tls_flags(certs), "--app-id", APP_ID]
+    parser = cli.build_parser()
+    default = emulator_cli.stream_config_from_args(parser.parse_args(base))
+    assert default is not None
+    assert (default.settings.malformed_rate, default.broker.verify_hostname) == (0.0, True)
+    extra = ["--malformed-rate", "0.25", "--mqtt-no-verify-hostname"]
+    changed = emulator_cli.stream_config_from_args(parser.parse_args([*base, *extra]))
+    assert changed is not None
+    assert (changed.settings.malformed_rate, changed.broker.verify_hostname) == (0.25, False)
+    assert changed.settings.to_json()["malformed_rate"] == 0.25
 
 
 def test_unreachable_broker_exits_1(

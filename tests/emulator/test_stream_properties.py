@@ -18,8 +18,9 @@ import yaml
 from ingest import catalogue
 from ingest.decode import Decoder
 from ingest.emulator.clock import isoformat
-from ingest.emulator.stream.messages import BAD_KINDS, FAILURES, MessageFactory
+from ingest.emulator.stream.messages import BAD_KINDS, FAILURES, MALFORMED_KINDS, MessageFactory
 from ingest.emulator.stream.vehicle import PROPERTIES, V1_CYCLE, Sample, VehicleSim
+from ingest.testing.accounting import payload_message_id
 
 SPECS = Path(__file__).resolve().parents[3] / "shared" / "hm-specs" / "auto-api"
 APP_ID = "6a1f0c2e-3b4d-4e5f-8a9b-0c1d2e3f4a5b"
@@ -102,6 +103,29 @@ def test_messages_decode_with_one_row_per_item_and_bad_ones_are_quarantined() ->
         assert rejection.reason == BAD_KINDS[bad.damage]
         reasons.add(rejection.reason)
     assert reasons == set(BAD_KINDS.values())
+
+
+def test_malformed_messages_are_not_json_yet_keep_their_message_id() -> None:
+    """Each malformed shape is quarantined with its reason, and the raw bytes still name the id."""
+    decoder = Decoder(app_id=APP_ID)
+    factory = MessageFactory(APP_ID)
+    rng = random.Random(2)
+    damages: set[str] = set()
+    for sim, now in drive(4, 400):
+        message_id = f"{rng.getrandbits(128):032X}"
+        sample = sim.samples()[int(now) % len(PROPERTIES)]
+        out = factory.malformed(VIN, message_id, sample, isoformat(now), rng)
+        assert out.damage is not None
+        assert (out.kind, out.items, out.message_id) == ("bad", 0, message_id)
+        result = decoder.decode(out.topic, out.payload, 0)
+        assert result.rejection is not None, out.payload
+        assert result.rejection.reason == MALFORMED_KINDS[out.damage], out.payload
+        # Not parsed, so the rejected row has no message_id column value: the accounting reads
+        # it from the raw payload instead.
+        assert result.message_id is None
+        assert payload_message_id(out.payload) == message_id, out.payload
+        damages.add(out.damage)
+    assert damages == set(MALFORMED_KINDS)
 
 
 # -- against HM's YAML ---------------------------------------------------------------------------

@@ -5,7 +5,7 @@ GET      /_emulator/stream       settings, streaming VINs, totals and per-VIN co
                                  (``?vehicles=0`` leaves the per-VIN table out)
 PUT      /_emulator/stream       change any of ``paused``, ``format``, ``rate``,
                                  ``vehicle_rate``, ``duplicate_rate``, ``bad_rate``,
-                                 ``failure_rate``; answers like GET
+                                 ``malformed_rate``, ``failure_rate``; answers like GET
 =======  ======================  ===============================================================
 
 Without ``--mqtt-broker`` the emulator has no stream and both answer 404.

@@ -17,6 +17,9 @@ ENVIRONMENTS = ("live", "sandbox")
 DEFAULT_RATE = 20.0  # messages/s for the whole fleet: readable progress, trivial load
 DEFAULT_DUPLICATE_RATE = 0.02
 DEFAULT_BAD_RATE = 0.01
+# Off by default: invalid JSON already makes up a fifth of the bad messages; this knob adds more
+# of it on its own (see messages.MALFORMED_KINDS) without changing a seeded stream that leaves it 0.
+DEFAULT_MALFORMED_RATE = 0.0
 # Share of property items sent as a `failure` instead of data (HM does this for e.g. rate limits).
 DEFAULT_FAILURE_RATE = 0.02
 
@@ -31,6 +34,9 @@ class BrokerTarget:
     cert_file: Path
     key_file: Path
     client_id: str
+    # Off only where the broker's certificate cannot name the host the stream dials (the compose
+    # stack's throwaway certificates name localhost, not `mosquitto`); the chain is still checked.
+    verify_hostname: bool = True
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,7 @@ class StreamSettings:
     vehicle_rate: float | None = None
     duplicate_rate: float = DEFAULT_DUPLICATE_RATE
     bad_rate: float = DEFAULT_BAD_RATE
+    malformed_rate: float = DEFAULT_MALFORMED_RATE
     failure_rate: float = DEFAULT_FAILURE_RATE
     seed: int = 0
     environment: str = "live"
@@ -69,12 +76,12 @@ class StreamSettings:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 found.append(f"{name} must be > 0 messages/s, not {value}")
-        for name in ("duplicate_rate", "bad_rate", "failure_rate"):
+        for name in ("duplicate_rate", "bad_rate", "malformed_rate", "failure_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 found.append(f"{name} is a probability between 0 and 1, not {value}")
-        if self.duplicate_rate + self.bad_rate > 1.0:
-            found.append("duplicate_rate + bad_rate cannot exceed 1")
+        if self.duplicate_rate + self.bad_rate + self.malformed_rate > 1.0:
+            found.append("duplicate_rate + bad_rate + malformed_rate cannot exceed 1")
         if self.environment not in ENVIRONMENTS:
             found.append(f"environment must be one of {', '.join(ENVIRONMENTS)}")
         if self.vehicles < 0:
@@ -99,6 +106,7 @@ class StreamSettings:
             "vehicle_rate": self.vehicle_rate,
             "duplicate_rate": self.duplicate_rate,
             "bad_rate": self.bad_rate,
+            "malformed_rate": self.malformed_rate,
             "failure_rate": self.failure_rate,
             "seed": self.seed,
             "paused": self.paused,
@@ -113,6 +121,7 @@ MUTABLE: dict[str, tuple[type, ...]] = {
     "vehicle_rate": (int, float, type(None)),
     "duplicate_rate": (int, float),
     "bad_rate": (int, float),
+    "malformed_rate": (int, float),
     "failure_rate": (int, float),
     "paused": (bool,),
 }

@@ -3,6 +3,7 @@
 ``messages`` counts distinct good messages and ``items`` the telemetry rows they should become, so
 a consumer that deduplicates by ``message_id`` and quarantines the ``bad`` ones can be checked
 exactly: rows written == ``items``, quarantined == ``bad``, dropped repeats == ``duplicates``.
+``bad`` includes the malformed (not-JSON) messages; ``bad_kinds`` counts each damage apart.
 PUBACKs arrive on paho's network thread, hence the lock.
 """
 

@@ -7,7 +7,10 @@ property on ``{env}/level13/{app_id}/{vin}/{capability}/get/{property}``; a V2 e
 ``{"failure": {"reason", "description"}, "timestamp"}``.
 
 Bad messages are damaged on purpose, each in a way the decoder quarantines with a known reason
-(:data:`BAD_KINDS`), so a demo can show the quarantine and check its count.
+(:data:`BAD_KINDS`), so a demo can show the quarantine and check its count. Malformed ones
+(:data:`MALFORMED_KINDS`) are not JSON at all, yet keep their ``"message_id": "..."`` intact in
+the raw bytes, so an accounting that reads ids from raw payloads
+(``ingest.testing.accounting.payload_message_id``) still finds every one of them.
 """
 
 from __future__ import annotations
@@ -41,6 +44,14 @@ BAD_KINDS: Final = {
     "missing_data": "missing_field",
 }
 _BAD_KIND_NAMES: Final = tuple(BAD_KINDS)
+# Not-JSON damage (``malformed_rate``) → the decoder's reason code for it.
+MALFORMED_KINDS: Final = {
+    "json_cut": "invalid_json",  # cut short anywhere after the message id: a lost tail
+    "json_trailing_garbage": "invalid_json",  # a second closing brace after the object
+    "json_nan": "invalid_json",  # a NaN literal, which JSON does not have
+    "json_invalid_utf8": "invalid_utf8",  # a byte that is not UTF-8 inside a string
+}
+_MALFORMED_KIND_NAMES: Final = tuple(MALFORMED_KINDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,3 +172,24 @@ class MessageFactory:
                 topic, version = envelope.topic, 2
             payload = orjson.dumps(body)
         return Outgoing(topic, payload, vin, message_id, "bad", version, damage=damage)
+
+    def malformed(
+        self, vin: str, message_id: str, sample: Sample, stamp: str, rng: random.Random
+    ) -> Outgoing:
+        """A V1 message that is not valid JSON (or not UTF-8), its message id still readable."""
+        damage = rng.choice(_MALFORMED_KIND_NAMES)
+        good = self.v1(vin, message_id, sample, stamp=stamp, rng=rng, failure_rate=0.0)
+        payload = good.payload
+        if damage == "json_cut":
+            # Anywhere past the id's closing quote and before the last byte: any proper prefix
+            # of a JSON object is invalid, and the id stays whole.
+            id_end = payload.index(message_id.encode()) + len(message_id) + 1
+            payload = payload[: rng.randrange(id_end, len(payload))]
+        elif damage == "json_trailing_garbage":
+            payload += b"}"
+        elif damage == "json_nan":
+            payload = payload.replace(b'"version":1,', b'"version":NaN,', 1)
+        else:  # json_invalid_utf8
+            payload = payload.replace(b'"property":"', b'"property":"\xff', 1)
+        assert payload != good.payload, damage  # every shape must have changed something
+        return Outgoing(good.topic, payload, vin, message_id, "bad", 1, damage=damage)

@@ -46,6 +46,8 @@ class MqttPublisher:
         try:
             ctx = ssl.create_default_context(cafile=str(target.ca_file))
             ctx.load_cert_chain(str(target.cert_file), str(target.key_file))
+            # The chain is verified either way (CERT_REQUIRED); only the name check can go.
+            ctx.check_hostname = target.verify_hostname
         except (OSError, ssl.SSLError) as exc:
             raise StreamConnectError(
                 f"cannot load the stream's TLS files (--mqtt-ca {target.ca_file}, --mqtt-cert "

@@ -7,6 +7,7 @@ over the streaming VINs in VIN order. Each slot is one MQTT publish, of one of t
 
 * a repeat of one of the vehicle's last few messages (probability ``duplicate_rate``);
 * a deliberately bad message (``bad_rate``, see :data:`~.messages.BAD_KINDS`);
+* a message that is not JSON (``malformed_rate``, see :data:`~.messages.MALFORMED_KINDS`);
 * otherwise a new message: a V1 property (cycling through :data:`~.vehicle.V1_CYCLE`) or a V2
   envelope with every property, or either at random for ``format = "both"``.
 
@@ -184,8 +185,12 @@ class VehicleStream:
         capability, prop = V1_CYCLE[vehicle.cycle % len(V1_CYCLE)]
         vehicle.cycle += 1
         sample = vehicle.sim.sample(capability, prop)
-        if settings.duplicate_rate <= roll < settings.duplicate_rate + settings.bad_rate:
+        bad_until = settings.duplicate_rate + settings.bad_rate
+        if settings.duplicate_rate <= roll < bad_until:
             return self._factory.bad(vin, message_id, sample, stamp, rng)
+        # After the bad share, so a stream with malformed_rate 0 draws exactly as before.
+        if bad_until <= roll < bad_until + settings.malformed_rate:
+            return self._factory.malformed(vin, message_id, sample, stamp, rng)
         use_v2 = settings.format == "v2" or (settings.format == "both" and rng.random() < 0.5)
         if use_v2:
             samples = vehicle.sim.samples()
