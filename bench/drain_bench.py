@@ -139,6 +139,12 @@ def _print_drain(backlog: Backlog, rounds: list[list[Result]]) -> None:
                 f"{last.extra['startup_s']:.2f} s (not in msg/s); exit code "
                 f"{last.extra['exit_code']}"
             )
+            acked = [r.messages / r.extra["acked_s"] for r in rs]
+            print(
+                f"{name}: every message acknowledged at {_spread(acked, ',.0f')} msg/s; msg/s "
+                "above runs until the shutdown (SIGTERM once all are acknowledged) has "
+                "committed the last batch"
+            )
 
 
 def _print_live(results: list[LiveResult]) -> None:

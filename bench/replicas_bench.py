@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--lease-s", type=positive("seconds"), default=4.0)
     parser.add_argument("--heartbeat-s", type=positive("seconds"), default=1.0)
-    parser.add_argument("--client", choices=["paho", "native"], default="paho")
+    parser.add_argument("--client", choices=["auto", "paho", "native"], default="auto")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="replicas-bench-") as folder:
         root = Path(folder)

@@ -237,7 +237,7 @@ class Daemon:
             intake.submit,
             on_state=self._on_mqtt_state,
             pause_reading=intake.receive_backlog_full,
-            client=settings.mqtt.client,
+            client=settings.mqtt.receive_client,
         )
         session_box.append(session)
         self._register_probes(intake, pipeline.sink, session)

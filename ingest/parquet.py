@@ -195,13 +195,17 @@ class PartitionedWriter:
             return []
         days = self._days(table, date_column, fallback_date_column)
         written = []
-        for day_number in sorted(pc.unique(days).to_pylist()):
-            rows = table.filter(pc.equal(days, day_number))
+        day_numbers = sorted(pc.unique(days).to_pylist())
+        for day_number in day_numbers:
+            # One date (the usual batch) needs no filter: filtering copies every column, and that
+            # copy is what sets the daemon's peak memory during a commit.
+            rows = table if len(day_numbers) == 1 else table.filter(pc.equal(days, day_number))
             partition = partition_name(_EPOCH + timedelta(days=day_number))
             if self._remote is not None:
                 written.append(self._upload_file(rows, self._remote, partition, name))
             else:
                 written.append(self._write_file(rows, self._folder / partition / name, partition))
+            del rows  # before the next date's copy is made
         return written
 
     def partitions_of(

@@ -322,3 +322,42 @@ def test_settings_are_hashable_values() -> None:
     assert one != other
     assert isinstance(one, Settings)
     assert isinstance(one.api.client_secret, SecretStr)
+
+
+@pytest.mark.parametrize(
+    ("client", "protocol", "chosen"),
+    [
+        ("auto", "3.1.1", "native"),
+        ("auto", "5", "paho"),
+        ("paho", "3.1.1", "paho"),
+        ("native", "3.1.1", "native"),
+    ],
+)
+def test_receive_client_auto_picks_native_for_3_1_1_and_paho_for_5(
+    client: str, protocol: str, chosen: str
+) -> None:
+    settings = load_settings(
+        None, {"HM_INGEST_MQTT_CLIENT": client, "HM_INGEST_MQTT_PROTOCOL": protocol}
+    )
+    assert settings.mqtt.receive_client == chosen
+
+
+def test_native_client_refuses_mqtt_5_naming_the_fix() -> None:
+    with pytest.raises(ConfigError, match=r"native' speaks MQTT 3.1.1 only.*client = 'paho'"):
+        load_settings(None, {"HM_INGEST_MQTT_CLIENT": "native", "HM_INGEST_MQTT_PROTOCOL": "5"})
+
+
+def test_replica_id_needs_a_coordination_database_and_a_sane_heartbeat() -> None:
+    with pytest.raises(ConfigError, match=r"replica\.coordination is empty"):
+        load_settings(None, {"HM_INGEST_REPLICA_ID": "r0"})
+    with pytest.raises(ConfigError, match="at most half of"):
+        load_settings(
+            None,
+            {
+                "HM_INGEST_REPLICA_ID": "r0",
+                "HM_INGEST_REPLICA_COORDINATION": "sqlite:////tmp/c.sqlite3",
+                "HM_INGEST_REPLICA_HEARTBEAT_S": "10",
+            },
+        )
+    with pytest.raises(ConfigError, match=r"replica\.id"):
+        load_settings(None, {"HM_INGEST_REPLICA_ID": "has spaces"})

@@ -565,14 +565,26 @@ def test_keepalive_pings_hold_an_idle_connection(
     inbox.wait_for(b"still there")
 
 
-# -- the native client through the daemon ----------------------------------------------------------
+# -- each client through the daemon ----------------------------------------------------------------
 
 
-def test_native_client_daemon_sigkill_mid_stream_loses_and_duplicates_nothing(
+# The rest of the daemon-level suite runs the default (auto: native for 3.1.1); this one runs
+# both clients and paho under MQTT 5, which auto picks for protocol 5.
+@pytest.mark.parametrize(
+    ("client", "protocol", "banner"),
+    [
+        ("native", "3.1.1", "MQTT 3.1.1 native"),
+        ("paho", "3.1.1", "(MQTT 3.1.1, generation"),
+        ("auto", "5", "(MQTT 5, generation"),
+    ],
+)
+def test_daemon_sigkill_mid_stream_loses_and_duplicates_nothing(
     broker: MosquittoBroker,
     certs: CertBundle,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    client: str,
+    protocol: str,
+    banner: str,
 ) -> None:
     # PUBACKs only after the log write: a daemon killed at any moment loses nothing, and what the
     # broker redelivers is deduplicated.
@@ -581,7 +593,10 @@ def test_native_client_daemon_sigkill_mid_stream_loses_and_duplicates_nothing(
         broker,
         certs,
         tmp_path,
-        overrides={"output": {"flush_age_s": 0.3}, "mqtt": {"client": "native"}},
+        overrides={
+            "output": {"flush_age_s": 0.3},
+            "mqtt": {"client": client, "protocol": protocol},
+        },
     )
     daemon = DaemonProcess(write_toml(tree, tmp_path / "c.toml"), tmp_path / "daemon.log")
     daemon.start()
@@ -605,7 +620,7 @@ def test_native_client_daemon_sigkill_mid_stream_loses_and_duplicates_nothing(
     counts = message_ids(output)
     assert set(counts) == expected
     assert max(counts.values()) == 1, "a message was written twice"
-    assert "MQTT 3.1.1 native" in daemon.log_text()
+    assert banner in daemon.log_text()
 
 
 @pytest.mark.parametrize("flavour", [("native", "3.1.1")])

@@ -53,7 +53,7 @@ class ReplicaGroup:
     count: int = 3
     lease_s: float = 4.0
     heartbeat_s: float = 1.0
-    client: str = "paho"
+    client: str = "auto"
     extra: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Variables for one replica's first start only (by index): a fault point that crashes it.
     first_start_env: dict[int, dict[str, str]] = field(default_factory=dict)
