@@ -7,6 +7,7 @@ them must be quarantined; none may be valid telemetry.
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
 
@@ -35,7 +36,12 @@ def _v1(message_id: str, vin: str, data: object, **fields: object) -> dict[str, 
 
 
 def _json(value: object) -> bytes:
-    return orjson.dumps(value)
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        # An integer past 64 bits (hypothesis draws them): valid JSON that orjson will not
+        # write. The standard library writes it, and the decoder must still cope with it.
+        return json.dumps(value).encode()
 
 
 def _marker(message_id: str) -> bytes:
