@@ -234,6 +234,28 @@ def probe_tls12(options: MqttOptions) -> IngestError | None:
     return None
 
 
+def manual_ack_client(options: MqttOptions, ctx: ssl.SSLContext, *, clean: bool) -> paho.Client:
+    """A paho client whose PUBACKs the caller sends and which never reconnects by itself.
+
+    Reconnecting is the caller's (with jitter, and with generations for acks). ``clean`` is the
+    3.1.1 clean-session flag; MQTT 5 takes clean start (and the session expiry) at connect.
+    """
+    v5 = options.protocol == "5"
+    client = paho.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=options.client_id,
+        clean_session=None if v5 else clean,
+        protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+        reconnect_on_failure=False,
+        manual_ack=True,
+    )
+    client.tls_set_context(ctx)
+    if not options.verify_hostname:
+        client.tls_insecure_set(True)  # else paho runs its own hostname check as well
+    client.connect_timeout = SOCKET_TIMEOUT_S
+    return client
+
+
 class SupervisedSession(ABC):
     """What both receive sessions share: the session thread's reconnect loop and its bookkeeping.
 
@@ -478,20 +500,7 @@ class MqttSession(SupervisedSession):
     def _make_client(self, ctx: ssl.SSLContext) -> paho.Client:
         opts = self._options
         v5 = opts.protocol == "5"
-        client = paho.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=opts.client_id,
-            # 3.1.1 keeps the session with clean_session=False; MQTT 5 uses clean_start below.
-            clean_session=None if v5 else False,
-            protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
-            # This class reconnects itself (with jitter, and with generations for acks).
-            reconnect_on_failure=False,
-            manual_ack=True,
-        )
-        client.tls_set_context(ctx)
-        if not opts.verify_hostname:
-            client.tls_insecure_set(True)  # else paho runs its own hostname check as well
-        client.connect_timeout = SOCKET_TIMEOUT_S
+        client = manual_ack_client(opts, ctx, clean=False)
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_subscribe = self._handle_subscribe

@@ -1,4 +1,5 @@
-"""Shared fixtures: one throwaway PKI per test session, one real Mosquitto per test."""
+"""Shared fixtures: one throwaway PKI per test session, one real Mosquitto per test, and a real
+S3-compatible server (moto) for the tests that ask for one."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from ingest.testing import CertBundle, MosquittoBroker, make_certs
+from tests.storage.s3_support import MotoS3
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +23,16 @@ def broker(tmp_path: Path, certs: CertBundle) -> Iterator[MosquittoBroker]:
     """A mutual-TLS Mosquitto with persistence on a free port, stopped after the test either way."""
     with MosquittoBroker(tmp_path / "broker", certs) as running:
         yield running
+
+
+@pytest.fixture
+def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[MotoS3]:
+    """A moto S3 server on a free loopback port, reached through the AWS_* environment."""
+    server = MotoS3()
+    for name, value in server.environment().items():
+        monkeypatch.setenv(name, value)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

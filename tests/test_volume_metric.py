@@ -43,18 +43,6 @@ def tmpfs_dir() -> Iterator[Path]:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-@pytest.fixture
-def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[MotoS3]:
-    server = MotoS3()
-    for name, value in server.environment().items():
-        monkeypatch.setenv(name, value)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def volumes(daemon: Daemon) -> dict[str, float]:
     """The gauge's series by ``volume`` label, as the registry exposes them."""
     found = {}

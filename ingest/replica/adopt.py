@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -44,7 +44,14 @@ from paho.mqtt.reasoncodes import ReasonCode
 from ingest.batch import dedupe_key
 from ingest.decode import Decoder
 from ingest.errors import BrokerError
-from ingest.mqtt import SOCKET_TIMEOUT_S, Delivery, MessageHandler, MqttOptions, tls_context
+from ingest.mqtt import (
+    SOCKET_TIMEOUT_S,
+    Delivery,
+    MessageHandler,
+    MqttOptions,
+    manual_ack_client,
+    tls_context,
+)
 from ingest.wal import LogRecord
 
 log = logging.getLogger("ingest.replica.adopt")
@@ -201,20 +208,7 @@ class SessionAdopter:
     # -- paho plumbing ----------------------------------------------------------------------
 
     def _client(self, ctx: ssl.SSLContext, *, clean: bool) -> paho.Client:
-        opts = self._options
-        v5 = opts.protocol == "5"
-        client = paho.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=opts.client_id,
-            clean_session=None if v5 else clean,
-            protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
-            reconnect_on_failure=False,
-            manual_ack=True,
-        )
-        client.tls_set_context(ctx)
-        if not opts.verify_hostname:
-            client.tls_insecure_set(True)
-        client.connect_timeout = SOCKET_TIMEOUT_S
+        client = manual_ack_client(self._options, ctx, clean=clean)
         client.on_connect = self._on_connect
         client.on_message = self._on_message
         client.on_unsubscribe = self._on_unsubscribe
