@@ -1,4 +1,4 @@
-"""deploy/grafana: the dashboard's queries parse and name metrics the daemon exposes."""
+"""deploy/grafana: the dashboard's queries parse, name exposed metrics, and show them all."""
 
 from __future__ import annotations
 
@@ -10,10 +10,13 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
 
+from ingest.metrics import Metrics
 from tests.deploy.support import (
     DEPLOY,
     GRAFANA,
+    PROMETHEUS,
     exposed_series,
     hm_metric_names,
     promtool,
@@ -31,17 +34,41 @@ REQUIRED = {
     "API requests by status": "hm_ingest_api_requests_total",
     "API latency": "hm_ingest_api_request_duration_seconds_bucket",
     "back-pressure": "hm_ingest_backpressure_active",
+    "free space": "hm_ingest_volume_available_bytes",
+    "replica leader": "hm_ingest_replica_leader",
+    "adoptions": "hm_ingest_replica_adoptions_total",
+    "adopted messages": "hm_ingest_replica_adopted_messages_total",
 }
+# Metric families the daemon exposes that the dashboard leaves out on purpose: family → why.
+NOT_ON_DASHBOARD: dict[str, str] = {}
+# Sample suffixes a family's series may carry (counters' _total, histograms' _bucket, ...).
+_FAMILY_SUFFIXES = ("", "_total", "_created", "_bucket", "_count", "_sum", "_info")
+_SELECTOR = re.compile(r"\b(hm_ingest_[a-zA-Z0-9_]+)\s*(\{[^}]*\})?")
 # Grafana's own variables, replaced by plausible values so promtool can parse the queries.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h"}
 
 
 def _dashboard() -> dict[str, Any]:
-    return json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    dashboard: dict[str, Any] = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    return dashboard
 
 
 def _panels() -> list[dict[str, Any]]:
     return [panel for panel in _dashboard()["panels"] if panel["type"] != "row"]
+
+
+def _rows() -> dict[str, list[dict[str, Any]]]:
+    """Row title → the panels laid out under it (rows are expanded: panels sit below their row)."""
+    rows = sorted(
+        (panel for panel in _dashboard()["panels"] if panel["type"] == "row"),
+        key=lambda row: row["gridPos"]["y"],
+    )
+    grouped: dict[str, list[dict[str, Any]]] = {row["title"]: [] for row in rows}
+    for panel in _panels():
+        above = [row for row in rows if row["gridPos"]["y"] < panel["gridPos"]["y"]]
+        assert above, f"{panel['title']} sits above the first row"
+        grouped[above[-1]["title"]].append(panel)
+    return grouped
 
 
 def _queries() -> dict[str, str]:
@@ -78,6 +105,86 @@ def test_the_dashboard_covers_what_operators_need() -> None:
     named = set().union(*(hm_metric_names(expr) for expr in _queries().values()))
     missing = {topic: metric for topic, metric in REQUIRED.items() if metric not in named}
     assert not missing
+
+
+def test_every_exposed_metric_is_on_the_dashboard() -> None:
+    # A metric added to the daemon fails here until a panel shows it or NOT_ON_DASHBOARD says why.
+    named = set().union(*(hm_metric_names(expr) for expr in _queries().values()))
+    families = {family.name for family in Metrics(CollectorRegistry()).registry.collect()}
+    missing = {
+        family
+        for family in families - set(NOT_ON_DASHBOARD)
+        if not named & {family + suffix for suffix in _FAMILY_SUFFIXES}
+    }
+    assert not missing, f"add a panel for {sorted(missing)} or list them in NOT_ON_DASHBOARD"
+    assert set(NOT_ON_DASHBOARD) <= families, "NOT_ON_DASHBOARD names a metric that is gone"
+
+
+def test_every_panel_query_follows_the_instance_variable() -> None:
+    for where, expr in _queries().items():
+        if where.startswith("variable"):
+            continue  # the instance variable's own query lists every instance
+        for name, matchers in _SELECTOR.findall(expr):
+            assert 'instance=~"$instance"' in matchers, f"{where}: {name} ignores $instance"
+
+
+def _alert(name: str) -> dict[str, Any]:
+    groups = yaml.safe_load((PROMETHEUS / "alerts.yml").read_text(encoding="utf-8"))["groups"]
+    rules: list[dict[str, Any]] = [
+        rule for group in groups for rule in group["rules"] if rule.get("alert") == name
+    ]
+    assert len(rules) == 1, f"alerts.yml has {len(rules)} rules named {name}"
+    return rules[0]
+
+
+def test_free_space_panel_shows_each_volume_with_the_volume_low_threshold() -> None:
+    match = re.fullmatch(
+        r"hm_ingest_volume_available_bytes\s*<\s*(\d+)", _alert("HmIngestVolumeLow")["expr"].strip()
+    )
+    assert match, "HmIngestVolumeLow is no longer 'available bytes < N': update this test"
+    limit = int(match.group(1))
+    panels = [
+        panel
+        for panel in _panels()
+        if any("hm_ingest_volume_available_bytes" in t["expr"] for t in panel["targets"])
+    ]
+    assert panels
+    for panel in panels:
+        defaults = panel["fieldConfig"]["defaults"]
+        assert defaults["unit"] == "bytes", panel["title"]
+        steps = defaults["thresholds"]["steps"]
+        values = [step["value"] for step in steps]
+        assert limit in values, f"{panel['title']}: no threshold at {limit} (HmIngestVolumeLow)"
+        # Below the alert's limit is the bad side: the step in force there must be red.
+        assert steps[values.index(limit) - 1]["color"] == "red", panel["title"]
+        assert defaults["custom"]["thresholdsStyle"]["mode"] != "off", panel["title"]
+        for target in panel["targets"]:
+            assert "{{volume}}" in target["legendFormat"], panel["title"]
+            assert "{{instance}}" in target["legendFormat"], panel["title"]
+
+
+def test_replicas_row_shows_each_instance() -> None:
+    panels = _rows()["Replicas"]
+    shown = set().union(*(hm_metric_names(t["expr"]) for p in panels for t in p["targets"]))
+    assert {
+        "hm_ingest_replica_leader",
+        "hm_ingest_replica_adoptions_total",
+        "hm_ingest_replica_adopted_messages_total",
+    } <= shown
+    for panel in panels:
+        for target in panel["targets"]:
+            assert "{{instance}}" in target["legendFormat"], panel["title"]
+            # An aggregation must keep the instance apart, or the row cannot say who did what.
+            if re.search(r"\b(?:sum|max|min|avg|count)\b", target["expr"]):
+                assert re.search(r"\bby\s*\([^)]*\binstance\b", target["expr"]), panel["title"]
+    (leader,) = [
+        p for p in panels if any("hm_ingest_replica_leader" in t["expr"] for t in p["targets"])
+    ]
+    (mapping,) = leader["fieldConfig"]["defaults"]["mappings"]
+    assert {key: value["text"] for key, value in mapping["options"].items()} == {
+        "0": "follower",
+        "1": "leader",
+    }
 
 
 def _as_promql(expr: str) -> str:
