@@ -59,7 +59,7 @@ MEANINGS: dict[str, str] = {
         "MQTT receive client. `auto` (default): `native` for MQTT 3.1.1, `paho` for 5. "
         "`native` is the project's MQTT 3.1.1 reader, which reads TLS in large chunks and "
         "parses every complete packet per read: about twice the daemon's throughput on paho "
-        "(see Performance). `native` requires `protocol = \"3.1.1\"`."
+        '(see Performance). `native` requires `protocol = "3.1.1"`.'
     ),
     "mqtt.keepalive_s": "MQTT keep-alive interval, rounded up to whole seconds.",
     "mqtt.session_expiry_s": (
