@@ -24,7 +24,15 @@ def test_a_uri_in_the_file_stays_a_uri_and_check_probes_the_store(
     [finding] = [f for f in run_checks(settings) if f.key == "output.path"]
     assert finding.level == Level.OK, finding
 
-    missing = load_settings(None, {**os.environ, "HM_INGEST_OUTPUT_PATH": "s3://no-such-bkt/x"})
+    missing = load_settings(
+        None,
+        {
+            **os.environ,
+            "HM_INGEST_OUTPUT_PATH": "s3://no-such-bkt/x",
+            # The checks create the state folder: keep it out of the working directory.
+            "HM_INGEST_STATE_PATH": str(tmp_path / "state"),
+        },
+    )
     [finding] = [f for f in run_checks(missing) if f.key == "output.path"]
     assert finding.level == Level.WARN
     assert "could not upload s3://no-such-bkt/x/.hm-ingest-probe-" in str(finding)
