@@ -401,8 +401,8 @@ class Daemon:
         volumes = watched_volumes(self.settings)
         while True:
             self.health.beat()
-            # One statvfs per volume a second: cheap, and the gauge is never older than a beat.
-            refresh_volumes(self.metrics.volume_available, volumes)
+            # One statvfs per volume a second, off the loop: a network filesystem can stall it.
+            await asyncio.to_thread(refresh_volumes, self.metrics.volume_available, volumes)
             await asyncio.sleep(HEARTBEAT_S)
 
     def _register_probes(self, intake: Intake, sink: Sink, session: ReceiveSession) -> None:

@@ -124,8 +124,7 @@ class SessionAdopter:
     def run(self) -> AdoptionReport:
         started = time.monotonic()
         ctx = tls_context(self._options)
-        client = self._client(ctx, clean=False)
-        self._connect(client)
+        client = self._connect(ctx, clean=False)
         try:
             session_present = self._await_connack(client)
             if session_present:
@@ -135,8 +134,7 @@ class SessionAdopter:
             # Also on failure: a clean DISCONNECT leaves what is unacknowledged in the session.
             self._disconnect(client)
         # Connecting with clean session on deletes what is left of the session on the broker.
-        wipe = self._client(ctx, clean=True)
-        self._connect(wipe)
+        wipe = self._connect(ctx, clean=True)
         self._await_connack(wipe)
         self._disconnect(wipe)
         report = AdoptionReport(
@@ -207,23 +205,19 @@ class SessionAdopter:
 
     # -- paho plumbing ----------------------------------------------------------------------
 
-    def _client(self, ctx: ssl.SSLContext, *, clean: bool) -> paho.Client:
-        client = manual_ack_client(self._options, ctx, clean=clean)
+    def _connect(self, ctx: ssl.SSLContext, *, clean: bool) -> paho.Client:
+        """A client with the lost replica's id, its CONNECT sent; the CONNACK is awaited apart."""
+        opts = self._options
+        client = manual_ack_client(opts, ctx, clean=clean)
         client.on_connect = self._on_connect
         client.on_message = self._on_message
         client.on_unsubscribe = self._on_unsubscribe
         client.on_disconnect = self._on_disconnect
-        client.user_data_set({"clean": clean})
-        return client
-
-    def _connect(self, client: paho.Client) -> None:
-        opts = self._options
         keepalive = math.ceil(opts.keepalive_s)
         self._connack = None
         self._lost = None
         try:
             if opts.protocol == "5":
-                clean = bool(client.user_data_get()["clean"])
                 props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
                 # Expiry 0 with clean start: the session ends with this connection.
                 props.SessionExpiryInterval = 0 if clean else opts.session_expiry_s
@@ -235,6 +229,7 @@ class SessionAdopter:
             raise BrokerError(
                 f"cannot connect to adopt replica {self.replica}'s session: {exc}", retriable=True
             ) from exc
+        return client
 
     def _await_connack(self, client: paho.Client) -> bool:
         deadline = time.monotonic() + CONNACK_TIMEOUT_S

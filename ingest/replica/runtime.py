@@ -46,12 +46,10 @@ class ReplicaRuntime:
         self.replica = coordinator.replica
         self.role = Role()
         self.fenced = False
-        self.adopted_sessions = 0
         self._heartbeat_s = heartbeat_s
         # One database connection, used from asyncio.to_thread workers and adopter threads.
         self._lock = threading.Lock()
         self._adoptions: dict[str, asyncio.Task[None]] = {}
-        self.last_heartbeat = time.monotonic()
 
     def call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run a coordinator method under the connection's lock (any thread)."""
@@ -127,7 +125,6 @@ class ReplicaRuntime:
                         )
                         on_fenced()
                         return
-                    self.last_heartbeat = time.monotonic()
                     self._set_leader(await self._call(self.coordinator.try_lead))
                     if self.role.leader:
                         await self._adopt_lost_members(adopt)
@@ -177,7 +174,6 @@ class ReplicaRuntime:
         try:
             await adopt(member)
             await self._call(self.coordinator.finish_drain, member)
-            self.adopted_sessions += 1
             if self._metrics is not None:
                 self._metrics.replica_adoptions.inc()
         except IngestError as exc:
