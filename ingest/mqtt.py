@@ -8,6 +8,12 @@ Threads. One daemon thread owns the paho client and does all socket I/O: it conn
 ``client.loop()``, and reconnects with capped, fully jittered exponential backoff. ``ack()`` and
 ``stop()`` may be called from any thread; they only queue packets, and the loop thread writes them.
 
+Filters. A session subscribes the topic filters ``filters()`` returns (by default just
+``options.topic``) whenever the broker has no session for it, and :meth:`MqttSession.subscribe` /
+:meth:`MqttSession.unsubscribe` change them at runtime (VIN-sharded replicas). Those calls block
+the caller until the broker acknowledged every filter; the packets are still written by the loop
+thread.
+
 Generations. Every successful CONNACK starts a new *generation*. A :class:`Delivery` names the
 generation it arrived on; after a reconnect the same packet identifier may name a different
 message, so an ack for an old generation is refused, the broker redelivers that message
@@ -25,9 +31,9 @@ import ssl
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Protocol
 
@@ -50,6 +56,12 @@ CONNACK_TIMEOUT_S = 10.0
 # only bounds how late keepalive checks run and how long a stop() during CONNECT takes to be seen.
 LOOP_TIMEOUT_S = 0.5
 STOP_DRAIN_S = 1.0
+# Topic filters per SUBSCRIBE / UNSUBSCRIBE packet. A replica may own thousands of VINs; one packet
+# each would cost a round trip per VIN, one packet for all of them could pass the broker's maximum
+# packet size (500 filters of ~60 bytes is ~30 kB).
+FILTERS_PER_PACKET = 500
+# How long subscribe() and unsubscribe() wait for the broker's acknowledgements by default.
+FILTER_ACK_TIMEOUT_S = 10.0
 
 # CONNACK reasons that describe the broker's state, not ours: retry them even at start-up.
 # 0x80 unspecified, 0x88 server unavailable, 0x89 server busy, 0x97 quota exceeded,
@@ -135,6 +147,17 @@ class ReceiveSession(Protocol):
     def ack(self, delivery: Delivery) -> bool: ...
     def stop(self, timeout_s: float = 5.0) -> None: ...
     def wait_first_connection(self, timeout_s: float) -> None: ...
+
+
+class FilterSession(Protocol):
+    """A session whose topic filters change at runtime (VIN-sharded replicas)."""
+
+    def subscribe(
+        self, filters: Sequence[str], timeout_s: float = FILTER_ACK_TIMEOUT_S
+    ) -> None: ...
+    def unsubscribe(
+        self, filters: Sequence[str], timeout_s: float = FILTER_ACK_TIMEOUT_S
+    ) -> None: ...
 
 
 def is_connection_loss(state: str, cause: str) -> bool:
@@ -304,10 +327,14 @@ class SupervisedSession(ABC):
         self._thread.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        """Disconnect cleanly (the broker keeps the session) and join the thread."""
+        """Disconnect cleanly (the broker keeps the session) and join the thread.
+
+        Called on the session thread itself (from an ``on_state`` callback) it only tells the
+        thread to end once the callback returns: a thread cannot join itself.
+        """
         self._stop.set()
         self._interrupt()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout_s)
             if self._thread.is_alive():
                 LOGGER.warning("MQTT session thread still running %.1f s after stop()", timeout_s)
@@ -451,6 +478,54 @@ class SupervisedSession(ABC):
             LOGGER.exception("on_state callback failed for state %r", state)
 
 
+def invalid_filters(filters: Sequence[str]) -> list[str]:
+    """The filters MQTT does not allow (section 4.7.1): paho raises on them, a broker hangs up."""
+    return [f for f in filters if not _valid_filter(f)]
+
+
+def _valid_filter(topic_filter: str) -> bool:
+    if not topic_filter or "\0" in topic_filter or len(topic_filter.encode()) > 65535:
+        return False
+    levels = topic_filter.split("/")
+    for index, level in enumerate(levels):
+        if len(level) > 1 and ("+" in level or "#" in level):
+            return False  # a wildcard must be a whole level [MQTT-4.7.1-2], [MQTT-4.7.1-3]
+        if level == "#" and index != len(levels) - 1:
+            return False  # "#" only as the last level [MQTT-4.7.1-2]
+    return True
+
+
+def _describe(filters: Sequence[str], limit: int = 5) -> str:
+    """Filters for a message: a long list is cut short, with the count."""
+    return _first_few([repr(f) for f in filters[:limit]], len(filters))
+
+
+def _describe_refused(refused: Sequence[tuple[str, ReasonCode]], limit: int = 5) -> str:
+    named = [f"{f!r} ({reason.value:#04x} {reason})" for f, reason in refused[:limit]]
+    return _first_few(named, len(refused))
+
+
+def _first_few(named: list[str], total: int) -> str:
+    listed = ", ".join(named)
+    return listed if total <= len(named) else f"{listed} and {total - len(named)} more"
+
+
+@dataclass(eq=False)
+class _FilterRequest:
+    """One subscribe() or unsubscribe() call, or the subscription at connect, while acks are due.
+
+    Its packets are in ``MqttSession._in_flight`` by packet id; every field is guarded by the
+    session's lock, and ``done`` is set (under it) once nothing more will come.
+    """
+
+    verb: Literal["subscribe", "unsubscribe"]
+    at_connect: bool = False
+    waiting: set[int] = field(default_factory=set)  # packet ids not acknowledged yet
+    refused: list[tuple[str, ReasonCode]] = field(default_factory=list)  # filter, why
+    lost: str | None = None  # why the acknowledgements will never come
+    done: threading.Event = field(default_factory=threading.Event)
+
+
 class MqttSession(SupervisedSession):
     """A persistent QoS 1 subscription whose PUBACKs the caller sends, in receipt order."""
 
@@ -460,10 +535,19 @@ class MqttSession(SupervisedSession):
         on_message: MessageHandler,
         *,
         on_state: StateHandler | None = None,
+        filters: Callable[[], Sequence[str]] | None = None,
+        channel: int = 0,
     ) -> None:
+        """``filters`` gives what to subscribe when the broker has no session (default: just
+        ``options.topic``); ``channel`` is stamped on every :class:`Delivery` so the caller can
+        route its ack back to this session."""
         # Re-entrant: if paho ever ran a callback synchronously inside client.ack(), _mark_down()
         # on the same thread must not deadlock.
         super().__init__(options, on_message, on_state=on_state, lock=threading.RLock())
+        self._filters = filters if filters is not None else lambda: [options.topic]
+        self._channel = channel
+        # SUBSCRIBE / UNSUBSCRIBE packets awaiting their ack: packet id -> (request, its filters).
+        self._in_flight: dict[int, tuple[_FilterRequest, Sequence[str]]] = {}
         self._accepted = False  # a CONNACK accepted us since the session thread last looked
         self._attempt_error: str | None = None  # paho's last error line in this attempt
         self._connack_refusal: ReasonCode | None = None
@@ -482,6 +566,115 @@ class MqttSession(SupervisedSession):
                 return False
             # [MQTT-4.6.0-2] PUBACKs go out in the order of these calls: paho appends to one queue.
             return client.ack(delivery.mid, delivery.qos) == MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def subscribe(self, filters: Sequence[str], timeout_s: float = FILTER_ACK_TIMEOUT_S) -> None:
+        """Subscribe ``filters`` (QoS 1) now; return once the broker granted every one.
+
+        Any thread but the session thread (a callback would wait for itself). Raises BrokerError:
+        retriable when not connected, when the connection ends first or on timeout (subscribing
+        again is harmless); not retriable when a filter is invalid or the broker refused one.
+        """
+        self._change_filters("subscribe", filters, timeout_s)
+
+    def unsubscribe(self, filters: Sequence[str], timeout_s: float = FILTER_ACK_TIMEOUT_S) -> None:
+        """Unsubscribe ``filters`` now; return once the broker acknowledged. Raises as subscribe.
+
+        Unsubscribing a filter the session does not hold is not an error (MQTT 5 answers 0x11).
+        """
+        self._change_filters("unsubscribe", filters, timeout_s)
+
+    def _change_filters(
+        self, verb: Literal["subscribe", "unsubscribe"], filters: Sequence[str], timeout_s: float
+    ) -> None:
+        wanted = list(filters)
+        if not wanted:
+            return
+        if self._thread is threading.current_thread():
+            raise RuntimeError(
+                f"MqttSession.{verb}() called on the session thread, which would have to read "
+                "the acknowledgement it waits for; call it from another thread"
+            )
+        invalid = invalid_filters(wanted)
+        if invalid:
+            raise BrokerError(
+                f"cannot {verb} invalid topic filter(s) {_describe(invalid)}: '+' and '#' must "
+                "fill a whole level and '#' must be the last one",
+                retriable=False,
+            )
+        request = _FilterRequest(verb)
+        with self._lock:
+            client = self._client
+            if client is None or not self._live_generation:
+                raise BrokerError(
+                    f"cannot {verb} {_describe(wanted)}: not connected to "
+                    f"{self._options.host}:{self._options.port} "
+                    f"({self.last_error or 'connecting'}); retry once connected",
+                    retriable=True,
+                )
+            self._send_filters(client, request, wanted)
+        self._await_filter_acks(request, wanted, timeout_s)
+
+    def _send_filters(
+        self, client: paho.Client, request: _FilterRequest, filters: Sequence[str]
+    ) -> None:
+        """Queue ``request``'s packets for the loop thread to write. Caller holds _lock.
+
+        Under the lock, so no ack is handled before its packet id is registered (the loop thread
+        may write the packet and read the ack before paho's call even returns here).
+        """
+        for start in range(0, len(filters), FILTERS_PER_PACKET):
+            chunk = filters[start : start + FILTERS_PER_PACKET]
+            if request.verb == "subscribe":
+                rc, mid = client.subscribe([(f, 1) for f in chunk])
+            else:
+                rc, mid = client.unsubscribe(list(chunk))
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+                # The socket closed under us; on_disconnect and a reconnect follow.
+                self._forget(request)
+                request.lost = f"the connection closed ({paho.error_string(rc)})"
+                request.done.set()
+                return
+            request.waiting.add(mid)
+            self._in_flight[mid] = (request, chunk)
+
+    def _await_filter_acks(
+        self, request: _FilterRequest, filters: Sequence[str], timeout_s: float
+    ) -> None:
+        verb = request.verb
+        if not request.done.wait(timeout_s):
+            with self._lock:
+                self._forget(request)
+                timed_out = not request.done.is_set()  # the last ack may have come meanwhile
+            if timed_out:
+                raise BrokerError(
+                    f"the broker did not acknowledge the {verb} of {_describe(filters)} within "
+                    f"{timeout_s:g} s; it may or may not have applied it: retry",
+                    retriable=True,
+                )
+        if request.lost is not None:
+            raise BrokerError(
+                f"{verb} of {_describe(filters)} not confirmed: {request.lost}; retry once "
+                "reconnected",
+                retriable=True,
+            )
+        if request.refused:
+            raise BrokerError(
+                f"the broker refused to {verb} {_describe_refused(request.refused)}; check "
+                f"that the broker's ACL lets client id {self._options.client_id!r} {verb} them",
+                retriable=False,
+            )
+
+    def _forget(self, request: _FilterRequest) -> None:
+        """Stop waiting for ``request``'s acks (a late one is then ignored). Caller holds _lock."""
+        for mid in request.waiting:
+            self._in_flight.pop(mid, None)
+
+    def _drop_pending(self) -> None:
+        # The connection changed: acks still due for the old one will never come.
+        for request, _ in self._in_flight.values():
+            request.lost = request.lost or "the connection ended before the broker acknowledged"
+            request.done.set()
+        self._in_flight.clear()
 
     # -- client set-up ----------------------------------------------------------------------
 
@@ -504,6 +697,7 @@ class MqttSession(SupervisedSession):
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_subscribe = self._handle_subscribe
+        client.on_unsubscribe = self._handle_unsubscribe
         client.on_message = self._handle_message
         # With no write callback paho writes a packet queued from another thread (ack, stop)
         # from that thread, racing the loop thread on one TLS socket. Setting one makes paho only
@@ -629,26 +823,76 @@ class MqttSession(SupervisedSession):
             self._mark_subscribed()
             return
         # No session (first start, or the broker lost it): paho does not resubscribe by itself.
-        client.subscribe(self._options.topic, qos=1)
-        self.subscribes += 1
+        self._subscribe_at_connect(client, list(self._filters()))
+
+    def _subscribe_at_connect(self, client: paho.Client, filters: list[str]) -> None:
+        if not filters:
+            self._mark_subscribed()  # nothing assigned yet; subscribe() adds filters later
+            return
+        invalid = invalid_filters(filters)
+        if invalid:
+            self._refuse_subscription(
+                f"cannot subscribe invalid topic filter(s) {_describe(invalid)}"
+            )
+            return
+        request = _FilterRequest("subscribe", at_connect=True)
+        with self._lock:
+            self._send_filters(client, request, filters)
+        self.subscribes += len(request.waiting)
+
+    def _refuse_subscription(self, problem: str) -> None:
+        """The subscription at connect failed: _serve ends the connection (fatal at start-up)."""
+        self._subscribe_refusal = (
+            f"{problem}; check [mqtt] topic and app_id, and that the broker's ACL lets client "
+            f"id {self._options.client_id!r} subscribe them"
+        )
+        LOGGER.error("%s", self._subscribe_refusal)
 
     def _handle_subscribe(
         self,
         _client: paho.Client,
         _userdata: Any,
-        _mid: int,
+        mid: int,
         reasons: list[ReasonCode],
         _props: Properties | None,
     ) -> None:
-        failed = [r for r in reasons if r.is_failure]
-        if failed:
-            self._subscribe_refusal = (
-                f"broker refused the subscription to {self._options.topic!r} "
-                f"({failed[0].value:#04x} {failed[0]}); check [mqtt] topic and app_id"
+        self._filters_acknowledged(mid, reasons)
+
+    def _handle_unsubscribe(
+        self,
+        _client: paho.Client,
+        _userdata: Any,
+        mid: int,
+        reasons: list[ReasonCode],
+        _props: Properties | None,
+    ) -> None:
+        # MQTT 3.1.1 UNSUBACKs carry no reason codes (paho gives []): they cannot fail.
+        self._filters_acknowledged(mid, reasons)
+
+    def _filters_acknowledged(self, mid: int, reasons: list[ReasonCode]) -> None:
+        """A SUBACK or UNSUBACK: note what it refused and finish its request if it was the last."""
+        with self._lock:
+            entry = self._in_flight.pop(mid, None)
+            if entry is None:
+                return  # its caller timed out and stopped waiting
+            request, chunk = entry
+            # One reason code per filter, in the packet's order [MQTT-3.8.4-6], [MQTT-3.11.3-1].
+            request.refused.extend(
+                (topic_filter, reason)
+                for topic_filter, reason in zip(chunk, reasons, strict=False)
+                if reason.is_failure
             )
-            LOGGER.error("%s", self._subscribe_refusal)
-            return
-        self._mark_subscribed()
+            request.waiting.discard(mid)
+            if request.waiting:
+                return
+            request.done.set()
+        if request.at_connect:
+            if request.refused:
+                self._refuse_subscription(
+                    f"broker refused the subscription to {_describe_refused(request.refused)}"
+                )
+            else:
+                self._mark_subscribed()
 
     def _handle_disconnect(
         self,
@@ -675,7 +919,7 @@ class MqttSession(SupervisedSession):
     def _handle_message(
         self, _client: paho.Client, _userdata: Any, message: paho.MQTTMessage
     ) -> None:
-        delivery = Delivery(self._live_generation, message.mid, message.qos)
+        delivery = Delivery(self._live_generation, message.mid, message.qos, self._channel)
         # paho hands over a bytearray sliced from the packet buffer; bytes() is the one copy the
         # handler's immutable type costs: ~100 ns for 1.5 kB, against ~50 us per message in paho.
         try:
