@@ -23,9 +23,10 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
@@ -34,6 +35,7 @@ from ingest.config import Settings
 from ingest.control import FleetControl
 from ingest.decode import Decoder
 from ingest.dedupe import DedupeIndex
+from ingest.fleet.reconcile import SubscribedGate
 from ingest.health import HEARTBEAT_S, HealthState, stale
 from ingest.http import build_app, serve
 from ingest.intake import Intake, IntakeLimits
@@ -41,13 +43,18 @@ from ingest.metrics import Metrics
 from ingest.mqtt import (
     CAUSE_SESSION_PRESENT,
     Delivery,
+    MqttSession,
     ReceiveSession,
     is_connection_loss,
 )
 from ingest.mqtt_native import make_session
 from ingest.parquet import PartitionedWriter
 from ingest.replica.adopt import SessionAdopter, message_key_function
+from ingest.replica.host import SessionHost
 from ingest.replica.runtime import ReplicaRuntime, open_replica_runtime
+from ingest.replica.shards import topic_prefix
+from ingest.replica.subscriptions import DesiredVins, SubscriptionSync, subscribed_vins
+from ingest.replica.vin_mode import VinSharding
 from ingest.schemas import REJECTED, TELEMETRY
 from ingest.session_options import adopted_session_options, mqtt_options, subscription_topic
 from ingest.sink import FlushPolicy, Sink
@@ -177,7 +184,9 @@ class Daemon:
                     return 0
             if settings.fleet.enabled:
                 # Bad API credentials stop start-up here (ConfigError, exit 2), before any message.
-                self.control = await asyncio.to_thread(FleetControl.open, settings, self.metrics)
+                self.control = await asyncio.to_thread(
+                    FleetControl.open, settings, self.metrics, subscribed=self._subscribed_gate()
+                )
             return await self._run_pipeline()
         finally:
             if self.control is not None:
@@ -210,8 +219,13 @@ class Daemon:
         settings, metrics, health = self.settings, self.metrics, self.health
         intake_stop, sink_stop = threading.Event(), threading.Event()
         session_box: list[ReceiveSession] = []
-        # Sessions of lost replicas being adopted (ingest.replica.adopt), by delivery channel.
-        adopters: dict[int, SessionAdopter] = {}
+        # Sessions of lost replicas adopted or hosted here (ingest.replica), by delivery channel.
+        adopters: dict[int, SessionAdopter | SessionHost] = {}
+        sharding = self._vin_sharding()
+        own_sync = sharding.sync_for(settings.replica.id) if sharding is not None else None
+        if own_sync is not None:
+            # Read now: the session calls it on its own thread while it connects.
+            await asyncio.to_thread(own_sync.held)
 
         def ack(delivery: Delivery) -> bool:
             if delivery.channel:
@@ -237,7 +251,9 @@ class Daemon:
             intake.submit,
             on_state=self._on_mqtt_state,
             pause_reading=intake.receive_backlog_full,
-            client=settings.mqtt.receive_client,
+            client=settings.receive_client,
+            # VIN-sharded: what the session holds, subscribed again if the broker lost it.
+            filters=own_sync.held if own_sync is not None else None,
         )
         session_box.append(session)
         self._register_probes(intake, pipeline.sink, session)
@@ -257,9 +273,20 @@ class Daemon:
                 await asyncio.to_thread(
                     session.wait_first_connection, settings.mqtt.connect_timeout_s
                 )
-                adopt = self._adoption(intake, adopters)
+                if sharding is not None and own_sync is not None:
+                    assert isinstance(session, MqttSession)  # the settings pick paho in vin mode
+                    adopt = self._hosting(sharding, intake, adopters)
+                    subscriptions = partial(sharding.keep_subscriptions, own_sync, session)
+                else:
+                    adopt, subscriptions = self._adoption(intake, adopters), None
                 return await self._supervise(
-                    intake, pipeline.sink, session, intake_stop, sink_stop, adopt=adopt
+                    intake,
+                    pipeline.sink,
+                    session,
+                    intake_stop,
+                    sink_stop,
+                    adopt=adopt,
+                    subscriptions=subscriptions,
                 )
             finally:
                 intake_stop.set()
@@ -275,7 +302,9 @@ class Daemon:
         sink_stop: threading.Event,
         *,
         adopt: Callable[[str], Awaitable[None]],
+        subscriptions: Callable[[asyncio.Event], Coroutine[Any, Any, None]] | None = None,
     ) -> int:
+        """``subscriptions``: VIN-sharded mode's loop keeping our own subscriptions in step."""
         deadline_s = self.settings.shutdown.deadline_s
         exit_code = 0
         async with asyncio.TaskGroup() as tg:
@@ -299,8 +328,16 @@ class Daemon:
                 )
             if self.control is not None:
                 fleet = tg.create_task(self.control.run(fleet_stop, role), name="fleet-control")
+            if subscriptions is not None:
+                tg.create_task(subscriptions(replica_stop), name="subscriptions")
+                log.info(
+                    "running: subscribed to the topics of the VINs replica %s owns under %s",
+                    self.settings.replica.id,
+                    subscription_topic(self.settings),
+                )
+            else:
+                log.info("running: subscribed to %s", subscription_topic(self.settings))
             self.started.set()
-            log.info("running: subscribed to %s", subscription_topic(self.settings))
             await self.shutdown.wait()
             if self.control is not None:
                 # The loop's state is transactional: cutting a cycle short loses nothing, and
@@ -351,7 +388,7 @@ class Daemon:
         self.shutdown.set()
 
     def _adoption(
-        self, intake: Intake, adopters: dict[int, SessionAdopter]
+        self, intake: Intake, adopters: dict[int, SessionAdopter | SessionHost]
     ) -> Callable[[str], Awaitable[None]]:
         """How the leader adopts a lost replica's session: into this daemon's own intake."""
         settings = self.settings
@@ -380,12 +417,86 @@ class Daemon:
             adopters[channel] = adopter
             try:
                 report = await asyncio.to_thread(adopter.run)
+                self.metrics.replica_adoptions.inc()
                 self.metrics.adopted_messages.inc(report.messages)
             finally:
                 stop.set()
                 adopters.pop(channel, None)
 
         return adopt
+
+    def _vin_sharding(self) -> VinSharding | None:
+        """VIN-sharded mode's context, or None (one daemon, or shared-subscription replicas)."""
+        if self.replica is None or not self.settings.replica.vin_sharded:
+            return None
+        control = self.control
+        assert control is not None  # the settings require [fleet] enabled in vin mode
+        desired = DesiredVins(self.settings.fleet.file)
+
+        def vins() -> set[str]:
+            return set(control.store.statuses()) | desired()
+
+        return VinSharding(
+            runtime=self.replica,
+            prefix=topic_prefix(self.settings.mqtt.resolved_topic),
+            vins=vins,
+            interval_s=self.settings.replica.heartbeat_s,
+            metrics=self.metrics,
+        )
+
+    def _subscribed_gate(self) -> SubscribedGate | None:
+        """VIN-sharded mode: the leader registers a VIN at HM only once its topic has a
+        subscriber, because HM streams from the approval on and the broker drops what no
+        subscription matches."""
+        runtime = self.replica
+        if runtime is None or not self.settings.replica.vin_sharded:
+            return None
+        prefix = topic_prefix(self.settings.mqtt.resolved_topic)
+
+        async def subscribed(vins: list[str]) -> set[str]:
+            return await asyncio.to_thread(
+                runtime.call, subscribed_vins, runtime.coordinator, prefix, vins
+            )
+
+        return subscribed
+
+    def _hosting(
+        self,
+        sharding: VinSharding,
+        intake: Intake,
+        adopters: dict[int, SessionAdopter | SessionHost],
+    ) -> Callable[[str], Awaitable[None]]:
+        """How the leader hosts a lost replica's session (VIN-sharded mode)."""
+        settings = self.settings
+        channels = itertools.count(1)
+        key_of = message_key_function(
+            settings.mqtt.app_id or None, settings.ingest.max_payload_bytes
+        )
+
+        async def host(member: str) -> None:
+            runtime = sharding.runtime
+            coordinator = runtime.coordinator
+            channel = next(channels)
+
+            def make_host(member: str, sync: SubscriptionSync) -> SessionHost:
+                session_host = SessionHost(
+                    adopted_session_options(settings, member),
+                    replica=member,
+                    channel=channel,
+                    submit=intake.submit,
+                    key_of=key_of,
+                    record_keys=lambda keys: runtime.call(coordinator.record_adopted, member, keys),
+                    filters=sync.held,
+                )
+                adopters[channel] = session_host
+                return session_host
+
+            try:
+                await sharding.host(member, make_host)
+            finally:
+                adopters.pop(channel, None)
+
+        return host
 
     async def _on_webhook(self, change: ClearanceChange) -> None:
         if self.control is None:

@@ -23,6 +23,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -168,8 +169,13 @@ class ReplicaSettings(_Section):
     # StatefulSet keeps stable) to run as one of several replicas sharing the application's stream.
     id: str = Field("", pattern=r"^$|" + REPLICA_ID_PATTERN)
     # shared: MQTT shared subscription ($share/<group>/<topic>), the broker spreads the messages.
-    mode: Literal["shared"] = "shared"
+    # vin: each replica subscribes the per-VIN topics of the VINs a stable hash over `members`
+    # gives it (for brokers without shared subscriptions; needs [fleet] enabled).
+    mode: Literal["shared", "vin"] = "shared"
     group: str = Field("hm-ingest", pattern=REPLICA_ID_PATTERN)
+    # vin mode: every replica id of the group, the same list on every replica (the environment
+    # takes it comma-separated). Changing it moves VINs between replicas.
+    members: list[Annotated[str, Field(pattern=REPLICA_ID_PATTERN)]] = Field(default_factory=list)
     # Where replicas find each other: sqlite:///abs/path (replicas on one host) or
     # postgresql://user@host/db (replicas anywhere). Required when id is set.
     coordination: SecretStr = SecretStr("")
@@ -180,6 +186,18 @@ class ReplicaSettings(_Section):
     def enabled(self) -> bool:
         return bool(self.id)
 
+    @property
+    def vin_sharded(self) -> bool:
+        return self.enabled and self.mode == "vin"
+
+    @field_validator("members", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        # HM_INGEST_REPLICA_MEMBERS=r0,r1,r2 (an environment value is one string).
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
     @model_validator(mode="after")
     def _replicas_need_coordination(self) -> ReplicaSettings:
         if self.id and not self.coordination.get_secret_value():
@@ -189,6 +207,14 @@ class ReplicaSettings(_Section):
                 "set it to sqlite:////shared/coordination.sqlite3 (one host) or "
                 "postgresql://user@host/db"
             )
+        if self.mode == "vin" and self.id and self.id not in self.members:
+            raise ValueError(
+                f"replica.mode is 'vin' but replica.members {self.members} does not list this "
+                f"replica's id {self.id!r}: list every replica id of the group, the same list "
+                "on every replica (on Kubernetes: the StatefulSet's pod names)"
+            )
+        if len(set(self.members)) != len(self.members):
+            raise ValueError(f"replica.members {self.members} lists an id twice")
         if self.heartbeat_s * 2 > self.lease_s:
             raise ValueError(
                 f"replica.heartbeat_s ({self.heartbeat_s}) must be at most half of "
@@ -227,6 +253,33 @@ class Settings(_Section):
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     replica: ReplicaSettings = Field(default_factory=ReplicaSettings)
     iceberg: IcebergSettings = Field(default_factory=IcebergSettings)
+
+    @property
+    def receive_client(self) -> Literal["paho", "native"]:
+        """The client that receives: VIN-sharded replicas change subscriptions at run time,
+        which only the paho session does (the native one subscribes one topic at connect)."""
+        return "paho" if self.replica.vin_sharded else self.mqtt.receive_client
+
+    @model_validator(mode="after")
+    def _vin_mode_needs_fleet_and_paho(self) -> Settings:
+        if not self.replica.vin_sharded:
+            return self
+        if not self.fleet.enabled:
+            raise ValueError(
+                "replica.mode = 'vin' subscribes the VINs of the clearance state, so it needs "
+                "fleet.enabled = true (and [api] credentials); or use replica.mode = 'shared'"
+            )
+        if self.mqtt.client == "native":
+            raise ValueError(
+                "replica.mode = 'vin' changes subscriptions at run time, which the native "
+                "client does not do: set mqtt.client = 'auto' or 'paho'"
+            )
+        if not self.mqtt.resolved_topic.endswith("/#"):
+            raise ValueError(
+                f"replica.mode = 'vin' splits mqtt.topic {self.mqtt.topic!r} into per-VIN "
+                "topics, so it must end in '/#' (the default live/level13/{app_id}/# does)"
+            )
+        return self
 
 
 def split_host_port(value: str, key: str) -> tuple[str, int]:

@@ -26,7 +26,7 @@ from ingest.config import Settings
 from ingest.errors import IngestError
 from ingest.fleet.apiclient import build_api_client
 from ingest.fleet.history import TransitionHistory
-from ingest.fleet.reconcile import Reconciler
+from ingest.fleet.reconcile import Reconciler, SubscribedGate
 from ingest.fleet.store import STORE_FILE, ClearanceStateStore
 from ingest.hmapi import HmApiClient
 from ingest.metrics import Metrics
@@ -49,8 +49,13 @@ class FleetControl:
     leading: bool = True
 
     @classmethod
-    def open(cls, settings: Settings, metrics: Metrics) -> FleetControl:
-        """Open the clearance state and the API client; raises ConfigError on bad credentials."""
+    def open(
+        cls, settings: Settings, metrics: Metrics, *, subscribed: SubscribedGate | None = None
+    ) -> FleetControl:
+        """Open the clearance state and the API client; raises ConfigError on bad credentials.
+
+        ``subscribed``: VIN-sharded replicas register a VIN only once its topic has a subscriber.
+        """
         store = ClearanceStateStore(settings.state.path / STORE_FILE)
         try:
             client = build_api_client(settings.api, metrics=metrics)
@@ -70,6 +75,7 @@ class FleetControl:
             desired_file=settings.fleet.file,
             prune=settings.fleet.prune,
             metrics=metrics,
+            subscribed=subscribed,
         )
         mode = f"desired fleet {settings.fleet.file}" if settings.fleet.file else "observe-only"
         log.info(

@@ -157,11 +157,22 @@ class Metrics:
         )
         self.replica_adoptions = Counter(
             p + "replica_adoptions_total",
-            "Sessions of lost replicas this replica adopted and deleted on the broker",
+            "Sessions of lost replicas this replica took over (shared mode: drained and deleted; "
+            "VIN-sharded mode: hosted until the replica returns)",
             registry=r,
         )
         self.adopted_messages = Counter(
             p + "replica_adopted_messages_total",
             "Messages taken over from lost replicas' sessions (also in messages_received_total)",
+            registry=r,
+        )
+        self.hosted_sessions = Gauge(
+            p + "replica_hosted_sessions",
+            "Lost replicas' sessions this replica hosts now (VIN-sharded mode)",
+            registry=r,
+        )
+        self.topic_filters = Gauge(
+            p + "replica_topic_filters",
+            "Topic filters this replica's own session holds (VIN-sharded mode)",
             registry=r,
         )

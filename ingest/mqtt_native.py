@@ -28,7 +28,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from ingest.errors import BrokerError, IngestError
 from ingest.mqtt import (
@@ -489,15 +489,20 @@ def make_session(
     on_state: StateHandler | None = None,
     pause_reading: Callable[[], bool] | None = None,
     client: str = "paho",
+    filters: Callable[[], Sequence[str]] | None = None,
 ) -> ReceiveSession:
     """The receive session ``[mqtt] client`` names: ``paho`` (default) or ``native``.
 
     Only the native session honours ``pause_reading``: paho reads whenever the socket is ready.
+    Only paho takes ``filters`` (subscribed at connect instead of ``options.topic``, and
+    changeable while it runs).
     """
     if client == "native":
+        if filters is not None:
+            raise ValueError("the native session subscribes options.topic only; use paho")
         return NativeMqttSession(
             options, on_message, on_state=on_state, pause_reading=pause_reading
         )
     if client == "paho":
-        return MqttSession(options, on_message, on_state=on_state)
+        return MqttSession(options, on_message, on_state=on_state, filters=filters)
     raise ValueError(f'unknown MQTT client {client!r}; use "paho" or "native"')

@@ -279,12 +279,15 @@ def check_replica(settings: Settings) -> Iterator[Finding]:
         with coordinator:
             members = coordinator.members()
             leader = coordinator.leader(DEFAULT_ROLE)
+            held = coordinator.subscriptions() if replica.vin_sharded else {}
     except IngestError as exc:  # opened, then the reads failed (a dropped connection)
         yield Finding(Level.ERROR, "replica.coordination", str(exc))
         return
     yield Finding(
         Level.OK, "replica.coordination", f"{redact_url(url)}: {_group_summary(members, leader)}"
     )
+    if replica.vin_sharded:
+        yield from _vin_mode_findings(replica.members, members, held)
     same = [m for m in members if m.alive and m.replica == replica.id]
     if same:
         # Two pods with one id share one MQTT client id: the broker disconnects each in turn
@@ -299,6 +302,29 @@ def check_replica(settings: Settings) -> Iterator[Finding]:
             f"replica.lease_s ({replica.lease_s:g} s) ago; two replicas with one id fight over "
             "one MQTT session, so give each its own [replica] id (HM_INGEST_REPLICA_ID; on "
             "Kubernetes the StatefulSet pod name)",
+        )
+
+
+def _vin_mode_findings(
+    configured: list[str], members: list[Member], held: dict[str, set[str]]
+) -> Iterator[Finding]:
+    sessions = {replica for holders in held.values() for replica in holders}
+    yield Finding(
+        Level.OK,
+        "replica.members",
+        f"VIN-sharded over {len(configured)} member(s); {len(held)} topic filter(s) held by "
+        f"{len(sessions)} session(s)",
+    )
+    strangers = sorted({m.replica for m in members if m.alive} - set(configured))
+    if strangers:
+        # Replicas hashing over different lists disagree on owners: a VIN would be subscribed
+        # twice (written twice) or by nobody (dropped by the broker).
+        yield Finding(
+            Level.ERROR,
+            "replica.members",
+            f"live member(s) {', '.join(strangers)} are not in replica.members {configured}: "
+            "every replica must have the same member list; fix HM_INGEST_REPLICA_MEMBERS on "
+            "all of them",
         )
 
 

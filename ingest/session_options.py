@@ -46,8 +46,9 @@ def subscription_topic(settings: Settings) -> str:
     why a lost replica's session is adopted by the leader (ingest.replica).
     """
     topic = settings.mqtt.resolved_topic
-    if settings.replica.enabled:
+    if settings.replica.enabled and not settings.replica.vin_sharded:
         return f"$share/{settings.replica.group}/{topic}"
+    # VIN-sharded replicas subscribe per-VIN filters instead (ingest.replica.subscriptions).
     return topic
 
 

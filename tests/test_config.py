@@ -361,3 +361,40 @@ def test_replica_id_needs_a_coordination_database_and_a_sane_heartbeat() -> None
         )
     with pytest.raises(ConfigError, match=r"replica\.id"):
         load_settings(None, {"HM_INGEST_REPLICA_ID": "has spaces"})
+
+
+VIN_MODE = {
+    "HM_INGEST_REPLICA_ID": "r1",
+    "HM_INGEST_REPLICA_COORDINATION": "sqlite:////tmp/c.sqlite3",
+    "HM_INGEST_REPLICA_MODE": "vin",
+    "HM_INGEST_REPLICA_MEMBERS": "r0, r1,r2",
+    "HM_INGEST_FLEET_ENABLED": "true",
+}
+
+
+def test_vin_mode_takes_the_member_list_from_the_environment_and_receives_with_paho() -> None:
+    settings = load_settings(None, VIN_MODE)
+    assert settings.replica.members == ["r0", "r1", "r2"]
+    assert settings.replica.vin_sharded
+    assert settings.receive_client == "paho", "auto picks paho: subscriptions change at run time"
+    shared = load_settings(None, {**VIN_MODE, "HM_INGEST_REPLICA_MODE": "shared"})
+    assert not shared.replica.vin_sharded
+    assert shared.receive_client == "native"
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"HM_INGEST_REPLICA_MEMBERS": "r0,r2"}, r"does not list this replica's id 'r1'"),
+        ({"HM_INGEST_REPLICA_MEMBERS": "r0,r1,r1"}, "lists an id twice"),
+        ({"HM_INGEST_FLEET_ENABLED": "false"}, r"needs fleet\.enabled = true"),
+        ({"HM_INGEST_MQTT_CLIENT": "native"}, r"set mqtt\.client = 'auto' or 'paho'"),
+        ({"HM_INGEST_MQTT_TOPIC": "live/level13/{app_id}"}, "must end in '/#'"),
+        ({"HM_INGEST_REPLICA_MEMBERS": "r0,r1,bad id"}, r"replica\.members"),
+    ],
+)
+def test_vin_mode_refuses_what_it_cannot_run_naming_the_fix(
+    change: dict[str, str], expected: str
+) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        load_settings(None, {**VIN_MODE, **change})

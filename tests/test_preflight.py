@@ -584,6 +584,34 @@ def test_another_live_member_with_this_id_is_a_warning(tmp_path: Path) -> None:
     assert at(restarted, Level.WARN, "replica.id") == []
 
 
+def test_vin_mode_reports_held_filters_and_refuses_a_stranger_member(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/c.sqlite3"
+    settings = Settings.model_validate(
+        {
+            "mqtt": {"app_id": "app"},
+            "output": {"path": str(tmp_path / "out")},
+            "state": {"path": str(tmp_path / "state")},
+            "fleet": {"enabled": True},
+            "replica": {
+                "id": "r0",
+                "coordination": url,
+                "mode": "vin",
+                "members": ["r0", "r1"],
+            },
+        }
+    )
+    _member(url, "r1")
+    with Coordinator.open(url, replica="r1", lease_s=LEASE_S) as r1:
+        r1.record_subscribed("r1", ["live/level13/app/V1/#", "live/level13/app/V2/#"])
+    [ok] = at(list(check_replica(settings)), Level.OK, "replica.members")
+    assert "VIN-sharded over 2 member(s); 2 topic filter(s) held by 1 session(s)" in ok.message
+
+    _member(url, "r7")  # started with another member list
+    [error] = at(list(check_replica(settings)), Level.ERROR, "replica.members")
+    assert "live member(s) r7 are not in replica.members ['r0', 'r1']" in error.message
+    assert "HM_INGEST_REPLICA_MEMBERS" in error.message
+
+
 @pytest.mark.parametrize(
     ("coordination", "expected"),
     [

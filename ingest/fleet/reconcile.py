@@ -19,7 +19,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,6 +46,8 @@ Clock = Callable[[], datetime]
 # (phase, done, total): phase is "create" or "remove".
 Progress = Callable[[str, int, int], None]
 CycleHook = Callable[["ReconcileReport", float], None]
+# Which of these VINs have their topic subscribed (see Reconciler's ``subscribed``).
+SubscribedGate = Callable[[list[str]], Awaitable[set[str]]]
 T = TypeVar("T")
 
 # HM answers a refused request the same way until something changes: a DELETE (409 in
@@ -97,6 +99,8 @@ class ReconcileReport:
     retry_after_s: float | None = None
     # VINs not asked again this cycle: HM refused the same request recently (REFUSAL_HOLD_S).
     held: list[str] = field(default_factory=list)
+    # VINs not registered yet: no replica subscribes their topic yet (VIN-sharded replicas).
+    awaiting_subscription: list[str] = field(default_factory=list)
 
     @property
     def failed(self) -> bool:
@@ -123,6 +127,7 @@ class _Cycle:
     warnings: list[str] = field(default_factory=list)
     retry_after_s: float | None = None
     held: list[str] = field(default_factory=list)
+    awaiting_subscription: list[str] = field(default_factory=list)
 
     def fail(self, what: str, exc: ApiError) -> None:
         self.errors.append(f"{what}: {exc}")
@@ -133,7 +138,7 @@ class _Cycle:
         return ReconcileReport(
             self.started_at, finished_at, self.desired, self.listed, self.plan, self.created,
             self.removed, self.refused, self.transitions, self.errors, self.warnings,
-            self.retry_after_s, self.held,
+            self.retry_after_s, self.held, self.awaiting_subscription,
         )  # fmt: skip
 
 
@@ -141,6 +146,8 @@ class Reconciler:
     """Keeps HM's fleet clearances in line with ``desired_file`` and records what it observes.
 
     ``desired_file=None`` observes only (lists and records statuses, never creates or removes).
+    ``subscribed`` (VIN-sharded replicas) answers which of some VINs have their topic subscribed
+    by a replica: a VIN is registered at HM only then, so its first message has a subscriber.
     ``history=None`` leaves transitions in the store for a later export (the CLI does this: the
     daemon owns the Parquet output). ``request_source`` labels transitions taken from the answers
     to our own POST/DELETE. ``rng`` and ``min_cycle_gap_s`` are for tests.
@@ -162,8 +169,10 @@ class Reconciler:
         min_cycle_gap_s: float = MIN_CYCLE_GAP_S,
         refusal_hold_s: float = REFUSAL_HOLD_S,
         rng: random.Random | None = None,
+        subscribed: SubscribedGate | None = None,
     ) -> None:
         self._client = client
+        self._subscribed = subscribed
         self._store = store
         self._history = history
         self.desired_file = desired_file
@@ -199,6 +208,7 @@ class Reconciler:
             if cycle.plan.prune_skipped:
                 cycle.warnings.append(cycle.plan.prune_skipped)
             create = self._unheld(cycle, "create", {v.vin: v for v in cycle.plan.create})
+            create = await self._only_subscribed(cycle, create)
             remove = self._unheld(
                 cycle, "remove", {vin: current[vin].status for vin in cycle.plan.remove}
             )
@@ -284,6 +294,23 @@ class Reconciler:
             self._holds.pop((action, vin), None)
             ready[vin] = item
         return ready
+
+    async def _only_subscribed(
+        self, cycle: _Cycle, create: dict[str, DesiredVehicle]
+    ) -> dict[str, DesiredVehicle]:
+        """``create`` minus the VINs nobody subscribes yet (they wait for a later cycle): HM
+        streams as soon as it approves, and the broker drops what no subscription matches."""
+        if self._subscribed is None or not create:
+            return create
+        ready = await self._subscribed(list(create))
+        cycle.awaiting_subscription = sorted(set(create) - ready)
+        if cycle.awaiting_subscription:
+            log.info(
+                "%d vehicle(s) not registered yet: waiting for their replica to subscribe "
+                "their topic",
+                len(cycle.awaiting_subscription),
+            )
+        return {vin: vehicle for vin, vehicle in create.items() if vin in ready}
 
     def _hold(self, action: str, vin: str, item: object) -> None:
         self._holds[(action, vin)] = (item, time.monotonic() + self._refusal_hold_s)

@@ -2,7 +2,7 @@
 
 Several daemons (replicas) read one application's stream through an MQTT shared subscription.
 They coordinate through one small database, SQLite (replicas on one host) or PostgreSQL
-(replicas anywhere), with four tables:
+(replicas anywhere), with these tables:
 
 * ``hm_replica_members``: one row per replica, ``expires_at`` renewed by its heartbeat (its
   *membership lease*). A row whose lease ran out marks a replica presumed dead.
@@ -14,6 +14,14 @@ They coordinate through one small database, SQLite (replicas on one host) or Pos
   its dedupe index so its own log replay skips them, then forgets them.
 * ``hm_replica_leases``: named leader leases; ``fleet-control`` elects the one replica that runs
   the fleet control loop (and drains dead replicas).
+* ``hm_replica_subscriptions`` (VIN-sharded mode): the topic filters each replica's session holds;
+  the leader registers a VIN at HM only once its filter is held, and a filter changes owner only
+  once the new owner holds it.
+* ``hm_replica_expected`` (VIN-sharded mode): configured members that have not joined yet, and
+  since when; one that stays away for a lease is given an expired row and hosted.
+* ``hm_replica_returns`` (VIN-sharded mode): there a drain is a *hosting* that lasts until the
+  member comes back; its refused ``try_join`` records a request here, which the host sees in
+  ``renew_hosting`` and answers by handing the session back (``finish_drain``).
 
 Lifecycle of a replica ``r``: ``try_join`` (retry while it answers False: a drain of ``r`` is in
 progress), ``adopted_keys`` → dedupe index → ``forget_adopted``, then ``heartbeat`` every
@@ -59,12 +67,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from ingest.errors import ConfigError, IngestError
 
 DEFAULT_ROLE = "fleet-control"
+# What a replica hosting another's session does next (Coordinator.renew_hosting).
+HostingState = Literal["keep", "release", "lost"]
 _CONFIG_KEY = "replica.coordination"
 # How long one call may wait for another replica's write transaction before it fails with a
 # retriable CoordinationError (the caller retries on its next heartbeat). Write transactions last
@@ -113,6 +123,23 @@ _SCHEMA = (
         holder TEXT NOT NULL,
         expires_at DOUBLE PRECISION NOT NULL
     )""",
+    # VIN-sharded mode: the topic filters each replica's session is subscribed to (SUBACKed).
+    """CREATE TABLE IF NOT EXISTS hm_replica_subscriptions (
+        replica TEXT NOT NULL,
+        topic_filter TEXT NOT NULL,
+        PRIMARY KEY (replica, topic_filter)
+    )""",
+    # VIN-sharded mode: a configured member without a membership row, since when the leader
+    # has been waiting for it (it is hosted once a lease passes without it joining).
+    """CREATE TABLE IF NOT EXISTS hm_replica_expected (
+        member TEXT PRIMARY KEY,
+        since DOUBLE PRECISION NOT NULL
+    )""",
+    # A replica that wants its session back from the replica hosting it (VIN-sharded mode).
+    """CREATE TABLE IF NOT EXISTS hm_replica_returns (
+        member TEXT PRIMARY KEY,
+        requested_at DOUBLE PRECISION NOT NULL
+    )""",
 )
 
 _UPSERT_MEMBER = """
@@ -126,6 +153,22 @@ ON CONFLICT (member) DO UPDATE SET holder = excluded.holder, expires_at = exclud
 _UPSERT_LEASE = """
 INSERT INTO hm_replica_leases (role, holder, expires_at) VALUES (?, ?, ?)
 ON CONFLICT (role) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
+"""
+_UPSERT_RETURN = """
+INSERT INTO hm_replica_returns (member, requested_at) VALUES (?, ?)
+ON CONFLICT (member) DO UPDATE SET requested_at = excluded.requested_at
+"""
+_INSERT_ABSENT_MEMBER = """
+INSERT INTO hm_replica_members (replica, expires_at) VALUES (?, ?)
+ON CONFLICT (replica) DO NOTHING
+"""
+_INSERT_EXPECTED = """
+INSERT INTO hm_replica_expected (member, since) VALUES (?, ?)
+ON CONFLICT (member) DO NOTHING
+"""
+_INSERT_SUBSCRIPTION = """
+INSERT INTO hm_replica_subscriptions (replica, topic_filter) VALUES (?, ?)
+ON CONFLICT (replica, topic_filter) DO NOTHING
 """
 _INSERT_ADOPTED = """
 INSERT INTO hm_replica_adopted (member, dedupe_key, adopted_by) VALUES (?, ?, ?)
@@ -282,10 +325,14 @@ class Coordinator:
                 "SELECT expires_at FROM hm_replica_drains WHERE member = ?", self.replica
             )
             if claim is not None and claim[0] > now:
+                # A replica hosting my session (VIN-sharded mode) hands it back when asked.
+                tx.run(_UPSERT_RETURN, self.replica, now)
                 return False
             # An expired claim: its holder died mid-drain. Deleting it fences that holder out
             # (its record_adopted/finish_drain now fail) before I start consuming again.
             tx.run("DELETE FROM hm_replica_drains WHERE member = ?", self.replica)
+            tx.run("DELETE FROM hm_replica_returns WHERE member = ?", self.replica)
+            tx.run("DELETE FROM hm_replica_expected WHERE member = ?", self.replica)
             tx.run(_UPSERT_MEMBER, self.replica, now + self._lease_s)
             return True
 
@@ -348,6 +395,56 @@ class Coordinator:
             )
             return renewed == 1
 
+    def renew_hosting(self, member: str) -> HostingState:
+        """Like :meth:`renew_drain` for a hosted session: ``release`` once ``member`` asked for
+        it back (its ``try_join`` is waiting), ``lost`` when the claim is no longer mine."""
+        with self._write("renew hosting") as tx:
+            now = self._clock()
+            renewed = tx.run(
+                "UPDATE hm_replica_drains SET expires_at = ? WHERE member = ? AND holder = ?",
+                now + self._lease_s,
+                member,
+                self.replica,
+            )
+            if renewed != 1:
+                return "lost"
+            asked = tx.one("SELECT 1 FROM hm_replica_returns WHERE member = ?", member)
+            return "release" if asked else "keep"
+
+    def abandon_drain(self, member: str) -> None:
+        """Drop my claim on ``member`` now (shutting down), so another replica need not wait for
+        it to expire; its membership row stays expired, so the next leader claims it."""
+        with self._write("abandon drain") as tx:
+            tx.run(
+                "DELETE FROM hm_replica_drains WHERE member = ? AND holder = ?",
+                member,
+                self.replica,
+            )
+
+    def ensure_members(self, members: Sequence[str]) -> None:
+        """Make a configured member that has not joined for a lease look lost, so it is hosted
+        like one: its VINs need a subscriber even if it never starts.
+
+        The first call that finds no membership row starts its wait (``hm_replica_expected``);
+        once a lease has passed the member gets an *expired* row, which the leader claims. A
+        row that is not there yet is never shown as live (``hm-ingest check`` would take a
+        replica's first start for a second replica with its id).
+        """
+        with self._write("ensure members") as tx:
+            now = self._clock()
+            present = {r for (r,) in tx.all("SELECT replica FROM hm_replica_members")}
+            waiting = dict(tx.all("SELECT member, since FROM hm_replica_expected"))
+            absent = [m for m in members if m not in present]
+            tx.many(_INSERT_EXPECTED, [(m, now) for m in absent if m not in waiting])
+            overdue = [m for m in absent if m in waiting and now - waiting[m] >= self._lease_s]
+            tx.many(_INSERT_ABSENT_MEMBER, [(m, waiting[m] + self._lease_s) for m in overdue])
+            tx.many("DELETE FROM hm_replica_expected WHERE member = ?", [(m,) for m in overdue])
+
+    def claims(self) -> dict[str, str]:
+        """Every drain or hosting claim: member → the replica holding it (expired or not)."""
+        with self._read("read claims") as tx:
+            return dict(tx.all("SELECT member, holder FROM hm_replica_drains ORDER BY member"))
+
     def record_adopted(self, member: str, keys: Sequence[str]) -> None:
         """Durably record ``keys`` as adopted from ``member`` (idempotent), in one transaction.
 
@@ -373,6 +470,7 @@ class Coordinator:
                 member,
                 self.replica,
             )
+            tx.run("DELETE FROM hm_replica_returns WHERE member = ?", member)
             # Only an expired row: while my claim existed the member could not rejoin, so this is
             # belt and braces against a row someone renewed by hand.
             tx.run(
@@ -399,6 +497,40 @@ class Coordinator:
                 "DELETE FROM hm_replica_adopted WHERE member = ? AND dedupe_key = ?",
                 [(self.replica, key) for key in keys],
             )
+
+    # -- subscriptions (VIN-sharded mode) -----------------------------------------------------
+
+    def record_subscribed(self, replica: str, filters: Sequence[str]) -> None:
+        """``replica``'s session holds these filters (after their SUBACK)."""
+        if filters:
+            with self._write("record subscriptions") as tx:
+                tx.many(_INSERT_SUBSCRIPTION, [(replica, f) for f in filters])
+
+    def forget_subscribed(self, replica: str, filters: Sequence[str]) -> None:
+        """``replica``'s session no longer holds these filters (after their UNSUBACK)."""
+        if filters:
+            with self._write("forget subscriptions") as tx:
+                tx.many(
+                    "DELETE FROM hm_replica_subscriptions WHERE replica = ? AND topic_filter = ?",
+                    [(replica, f) for f in filters],
+                )
+
+    def subscribed(self, replica: str) -> set[str]:
+        """The filters recorded for ``replica``'s session."""
+        with self._read("read subscriptions") as tx:
+            rows = tx.all(
+                "SELECT topic_filter FROM hm_replica_subscriptions WHERE replica = ?", replica
+            )
+        return {f for (f,) in rows}
+
+    def subscriptions(self) -> dict[str, set[str]]:
+        """Every recorded filter and the sessions holding it."""
+        with self._read("read subscriptions") as tx:
+            rows = tx.all("SELECT topic_filter, replica FROM hm_replica_subscriptions")
+        held: dict[str, set[str]] = {}
+        for topic_filter, replica in rows:
+            held.setdefault(topic_filter, set()).add(replica)
+        return held
 
     # -- leader leases ------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import ParamSpec, TypeVar
 
 from ingest.config import Settings
@@ -39,9 +39,17 @@ T = TypeVar("T")
 
 class ReplicaRuntime:
     def __init__(
-        self, coordinator: Coordinator, *, heartbeat_s: float, metrics: Metrics | None = None
+        self,
+        coordinator: Coordinator,
+        *,
+        heartbeat_s: float,
+        metrics: Metrics | None = None,
+        members: Sequence[str] = (),
     ) -> None:
+        """``members``: the configured member list (VIN-sharded mode), each of which must have
+        a session someone holds; empty in shared mode, where only members that ran count."""
         self.coordinator = coordinator
+        self.members = list(members)
         self._metrics = metrics
         self.replica = coordinator.replica
         self.role = Role()
@@ -74,7 +82,11 @@ class ReplicaRuntime:
                         log.info("replica %s: the adoption of its session is over", self.replica)
                     log.info("replica %s joined its group", self.replica)
                     return True
-                message = "its previous session is being adopted by the leader"
+                message = (
+                    "another replica holds its session; asked for it back"
+                    if self.members
+                    else "its previous session is being adopted by the leader"
+                )
             except IngestError as exc:
                 message = f"coordination database unavailable: {exc}"
             log.warning("replica %s waiting to join: %s", self.replica, message)
@@ -156,15 +168,18 @@ class ReplicaRuntime:
     async def _adopt_lost_members(self, adopt: Callable[[str], Awaitable[None]]) -> None:
         for task_member in [m for m, t in self._adoptions.items() if t.done()]:
             del self._adoptions[task_member]
+        if self.members:
+            await self._call(self.coordinator.ensure_members, self.members)
         for member in await self._call(self.coordinator.members):
             name = member.replica
             if member.alive or name == self.replica or name in self._adoptions:
                 continue
             if await self._call(self.coordinator.try_claim_drain, name):
                 log.warning(
-                    "replica %s lost its lease: adopting its session so its share of the "
+                    "replica %s lost its lease: %s its session so its share of the "
                     "stream is not left queued on the broker",
                     name,
+                    "hosting" if self.members else "adopting",
                 )
                 self._adoptions[name] = asyncio.create_task(
                     self._adopt(name, adopt), name=f"adopt-{name}"
@@ -174,8 +189,6 @@ class ReplicaRuntime:
         try:
             await adopt(member)
             await self._call(self.coordinator.finish_drain, member)
-            if self._metrics is not None:
-                self._metrics.replica_adoptions.inc()
         except IngestError as exc:
             # The claim stays ours until it expires; the next heartbeat round claims it again.
             log.warning("adoption of replica %s failed, retried: %s", member, exc)
@@ -198,4 +211,9 @@ def open_replica_runtime(settings: Settings, metrics: Metrics | None = None) -> 
     coordinator = Coordinator.open(
         replica.coordination.get_secret_value(), replica=replica.id, lease_s=replica.lease_s
     )
-    return ReplicaRuntime(coordinator, heartbeat_s=replica.heartbeat_s, metrics=metrics)
+    return ReplicaRuntime(
+        coordinator,
+        heartbeat_s=replica.heartbeat_s,
+        metrics=metrics,
+        members=replica.members if replica.vin_sharded else (),
+    )

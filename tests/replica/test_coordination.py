@@ -194,6 +194,111 @@ def test_try_join_refused_while_claimed(open_coordinator: Any, clock: FakeClock)
     assert x.adopted_keys() == ["k1", "k2"], "finish_drain keeps the adopted keys"
 
 
+# -- hosting (VIN-sharded mode) ------------------------------------------------------------------
+
+
+def test_a_returning_replica_asks_its_host_for_its_session(
+    open_coordinator: Any, clock: FakeClock
+) -> None:
+    host = open_coordinator("host")
+    _dead(open_coordinator, clock, "x")
+    assert host.try_claim_drain("x")
+    assert host.renew_hosting("x") == "keep"
+
+    x = open_coordinator("x")
+    assert not x.try_join(), "hosted: x waits"
+    assert host.renew_hosting("x") == "release", "x's refused join asked for its session back"
+    host.record_adopted("x", ["k1"])
+    host.finish_drain("x")
+    assert x.try_join()
+    assert x.adopted_keys() == ["k1"]
+
+    # The request is gone with the hosting: a later hosting of x starts over at "keep".
+    clock.advance(LEASE_S + 1)
+    assert host.try_claim_drain("x")
+    assert host.renew_hosting("x") == "keep"
+
+
+def test_renew_hosting_of_a_claim_taken_over_is_lost(
+    open_coordinator: Any, clock: FakeClock
+) -> None:
+    a, b = open_coordinator("a"), open_coordinator("b")
+    _dead(open_coordinator, clock, "x")
+    assert a.try_claim_drain("x")
+    clock.advance(LEASE_S + 1)
+    assert b.try_claim_drain("x")
+    assert a.renew_hosting("x") == "lost"
+    assert b.renew_hosting("x") == "keep"
+
+
+def test_abandon_drain_frees_the_member_at_once(open_coordinator: Any, clock: FakeClock) -> None:
+    a, b = open_coordinator("a"), open_coordinator("b")
+    _dead(open_coordinator, clock, "x")
+    assert a.try_claim_drain("x")
+    b.abandon_drain("x")
+    assert not b.try_claim_drain("x"), "b's abandon touched nothing of a's"
+    a.abandon_drain("x")
+    assert b.try_claim_drain("x"), "no need to wait for a's claim to expire"
+    assert [(m.replica, m.alive) for m in b.members()] == [("x", False)]
+
+
+def test_ensure_members_gives_a_never_started_member_one_lease(
+    open_coordinator: Any, clock: FakeClock
+) -> None:
+    leader = open_coordinator("leader")
+    assert leader.try_join()
+    configured = ["leader", "late", "never"]
+    leader.ensure_members(configured)
+    assert leader.members() == [Member("leader", T0 + LEASE_S, True)], "no row shown as live"
+    assert not leader.try_claim_drain("never"), "it has one lease to show up"
+    clock.advance(2)
+    assert open_coordinator("late").try_join()
+    leader.ensure_members(configured)
+    assert [m.replica for m in leader.members()] == ["late", "leader"]
+    clock.advance(LEASE_S - 2)
+    assert leader.heartbeat()
+    leader.ensure_members(configured)
+    # Waited since T0: expired as of T0 + LEASE_S, i.e. now.
+    assert Member("never", T0 + LEASE_S, False) in leader.members()
+    assert leader.try_claim_drain("never")
+    assert not leader.try_claim_drain("late")
+    assert leader.claims() == {"never": "leader"}
+    leader.ensure_members(configured)  # changes no existing row
+    assert Member("never", T0 + LEASE_S, False) in leader.members()
+
+
+def test_a_member_that_joins_stops_being_expected(open_coordinator: Any, clock: FakeClock) -> None:
+    leader = open_coordinator("leader")
+    assert leader.try_join()
+    leader.ensure_members(["leader", "x"])
+    x = open_coordinator("x")
+    assert x.try_join()
+    # x's row goes (a hosting of it ended), then the leader looks again much later: x gets a
+    # fresh lease to rejoin, not an at once expired row from the old wait.
+    clock.advance(LEASE_S + 1)
+    assert leader.heartbeat()
+    assert leader.try_claim_drain("x")
+    leader.finish_drain("x")
+    leader.ensure_members(["leader", "x"])
+    assert [m.replica for m in leader.members()] == ["leader"]
+    assert not leader.try_claim_drain("x")
+
+
+def test_subscriptions_are_recorded_per_session(open_coordinator: Any) -> None:
+    a, b = open_coordinator("a"), open_coordinator("b")
+    assert a.subscribed("a") == set()
+    a.record_subscribed("a", ["p/V1/#", "p/V2/#"])
+    a.record_subscribed("a", ["p/V1/#"])  # idempotent
+    b.record_subscribed("b", ["p/V2/#"])
+    b.record_subscribed("x", ["p/V3/#"])  # a host records under the hosted member's id
+    assert a.subscribed("a") == {"p/V1/#", "p/V2/#"}
+    assert a.subscriptions() == {"p/V1/#": {"a"}, "p/V2/#": {"a", "b"}, "p/V3/#": {"x"}}
+    a.forget_subscribed("a", ["p/V2/#", "p/absent/#"])
+    assert b.subscriptions() == {"p/V1/#": {"a"}, "p/V2/#": {"b"}, "p/V3/#": {"x"}}
+    a.record_subscribed("a", [])
+    a.forget_subscribed("a", [])
+
+
 def test_stale_claim_of_a_dead_leader_is_cleared_by_join(
     open_coordinator: Any, clock: FakeClock
 ) -> None:
@@ -471,8 +576,11 @@ def test_postgresql_tables_live_in_the_urls_schema(pg_schema: tuple[str, Any]) -
     assert [t for _, t in tables] == [
         "hm_replica_adopted",
         "hm_replica_drains",
+        "hm_replica_expected",
         "hm_replica_leases",
         "hm_replica_members",
+        "hm_replica_returns",
+        "hm_replica_subscriptions",
     ]
 
 

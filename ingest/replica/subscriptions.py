@@ -1,0 +1,147 @@
+"""VIN-sharded mode: keeps one MQTT session's subscriptions equal to the VINs its member owns.
+
+One :class:`SubscriptionSync` per session this daemon holds: its own, and each lost replica's it
+hosts (:mod:`ingest.replica.host`). :meth:`SubscriptionSync.step` runs every heartbeat:
+
+1. the VINs: every VIN of the clearance state (whatever its status: HM streams only what is
+   approved, and a filter costs the broker next to nothing) plus the desired fleet file's, which
+   the leader is about to register;
+2. the filters its member owns (:func:`ingest.replica.shards.filters_of`);
+3. SUBSCRIBE the missing ones, then record them in the coordination database. The leader
+   registers a VIN at HM only once its filter is recorded, so its first message has a subscriber;
+4. UNSUBSCRIBE a filter this member no longer owns (the member list changed) only once another
+   session has recorded it: the new owner subscribes first. Dropping it first would open a gap
+   in which the broker discards that VIN's messages; the overlap instead delivers a message
+   published in it to both sessions (see docs/scaling.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from ingest.errors import ConfigError
+from ingest.fleet.desired import load_desired_fleet
+from ingest.replica.coordination import Coordinator
+from ingest.replica.runtime import ReplicaRuntime
+from ingest.replica.shards import filters_of, vin_filter
+
+log = logging.getLogger("ingest.replica.subscriptions")
+
+
+class Subscriber(Protocol):
+    """A session whose subscriptions can change while it runs (blocking until acknowledged)."""
+
+    def subscribe(self, filters: Sequence[str], timeout_s: float = ...) -> None: ...
+    def unsubscribe(self, filters: Sequence[str], timeout_s: float = ...) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SyncReport:
+    subscribed: int = 0
+    unsubscribed: int = 0
+    # Filters this member no longer owns, kept until their new owner has subscribed.
+    awaiting_new_owner: int = 0
+
+
+@dataclass
+class DesiredVins:
+    """The desired fleet file's VINs, re-read only when the file changes."""
+
+    path: Path | None
+    _mtime_ns: int = -1
+    _vins: frozenset[str] = field(default_factory=frozenset)
+
+    def __call__(self) -> frozenset[str]:
+        if self.path is None:
+            return self._vins
+        try:
+            mtime_ns = self.path.stat().st_mtime_ns
+            if mtime_ns != self._mtime_ns:
+                self._vins = frozenset(v.vin for v in load_desired_fleet(self.path))
+                self._mtime_ns = mtime_ns
+        except (OSError, ConfigError) as exc:
+            # The fleet control loop reports the bad file; keep the last good VINs meanwhile.
+            log.debug("desired fleet not re-read for subscriptions: %s", exc)
+        return self._vins
+
+
+class SubscriptionSync:
+    def __init__(
+        self,
+        *,
+        member: str,
+        members: Sequence[str],
+        prefix: str,
+        runtime: ReplicaRuntime,
+        vins: Callable[[], set[str] | frozenset[str]],
+    ) -> None:
+        """``member``: whose session (this replica, or the one hosted); ``vins`` lists the
+        VINs to consider."""
+        self.member = member
+        self._members = list(members)
+        self._prefix = prefix
+        self._runtime = runtime
+        self._coordinator = runtime.coordinator
+        self._vins = vins
+        # The filters the session holds, as recorded (loaded on first use).
+        self._held: set[str] | None = None
+
+    def held(self) -> list[str]:
+        """What the session holds: subscribed again when the broker lost the session."""
+        if self._held is None:
+            self._held = self._runtime.call(self._coordinator.subscribed, self.member)
+        return sorted(self._held)
+
+    def desired(self) -> set[str]:
+        return filters_of(self.member, self._members, self._prefix, self._vins())
+
+    def step(self, session: Subscriber) -> SyncReport:
+        """One reconciliation of ``session``'s subscriptions (blocking: run it in a thread).
+
+        Raises BrokerError when the session cannot subscribe now (the next step retries), or
+        CoordinationError when the database is unreachable.
+        """
+        held = set(self.held())
+        desired = self.desired()
+        missing = sorted(desired - held)
+        if missing:
+            session.subscribe(missing)
+            self._runtime.call(self._coordinator.record_subscribed, self.member, missing)
+            held.update(missing)
+            self._held = set(held)
+            log.info(
+                "replica %s: subscribed %d topic filter(s) (%d held)",
+                self.member,
+                len(missing),
+                len(held),
+            )
+        surplus = held - desired
+        if not surplus:
+            return SyncReport(subscribed=len(missing))
+        holders = self._runtime.call(self._coordinator.subscriptions)
+        handed_over = sorted(f for f in surplus if holders.get(f, set()) - {self.member})
+        if handed_over:
+            session.unsubscribe(handed_over)
+            self._runtime.call(self._coordinator.forget_subscribed, self.member, handed_over)
+            held.difference_update(handed_over)
+            self._held = set(held)
+            log.info(
+                "replica %s: unsubscribed %d topic filter(s) their new owner now holds",
+                self.member,
+                len(handed_over),
+            )
+        return SyncReport(
+            subscribed=len(missing),
+            unsubscribed=len(handed_over),
+            awaiting_new_owner=len(surplus) - len(handed_over),
+        )
+
+
+def subscribed_vins(coordinator: Coordinator, prefix: str, vins: list[str]) -> set[str]:
+    """Which of ``vins`` some session has subscribed (the leader's registration gate)."""
+    held = coordinator.subscriptions()
+    return {vin for vin in vins if vin_filter(prefix, vin) in held}

@@ -1,0 +1,142 @@
+"""VIN-sharded replicas (``[replica] mode = "vin"``): the daemon's side, as two coroutines.
+
+* :meth:`VinSharding.keep_subscriptions` keeps this replica's own session subscribed to the
+  topics of the VINs it owns (:mod:`ingest.replica.subscriptions`), every heartbeat.
+* :meth:`VinSharding.host` is what the leader does with a lost replica here. In shared mode its
+  session is drained and deleted (:mod:`ingest.replica.adopt`): the broker spreads new messages
+  over the live members anyway. Here nobody else subscribes the lost replica's VINs, so its
+  session must stay: the leader *hosts* it (connected under its client id, its messages into the
+  leader's own pipeline, its subscriptions kept in step with the fleet) until the replica asks
+  for it back, then hands it over without losing or repeating a message (see :meth:`host`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ingest.errors import BrokerError, IngestError
+from ingest.metrics import Metrics
+from ingest.replica.coordination import CoordinationError
+from ingest.replica.host import SessionHost
+from ingest.replica.runtime import ReplicaRuntime
+from ingest.replica.subscriptions import Subscriber, SubscriptionSync
+
+log = logging.getLogger("ingest.replica.vin_mode")
+
+# How long a hosted session may take to connect, and to hand back what it holds.
+HOST_CONNECT_TIMEOUT_S = 30.0
+RELEASE_TIMEOUT_S = 30.0
+# How often the host renews its claim and looks for a request to hand the session back.
+HOST_POLL_S = 1.0
+
+# Builds the host of a member's session, given the subscriptions it is to keep.
+HostFactory = Callable[[str, SubscriptionSync], SessionHost]
+
+
+@dataclass
+class VinSharding:
+    runtime: ReplicaRuntime
+    prefix: str  # live/level13/<app>
+    vins: Callable[[], set[str] | frozenset[str]]
+    interval_s: float
+    metrics: Metrics
+
+    def sync_for(self, member: str) -> SubscriptionSync:
+        return SubscriptionSync(
+            member=member,
+            members=self.runtime.members,
+            prefix=self.prefix,
+            runtime=self.runtime,
+            vins=self.vins,
+        )
+
+    async def keep_subscriptions(
+        self, sync: SubscriptionSync, session: Subscriber, stop: asyncio.Event
+    ) -> None:
+        """Reconcile our own session's subscriptions every ``interval_s`` until ``stop``."""
+        while not stop.is_set():
+            try:
+                await asyncio.to_thread(sync.step, session)
+                self.metrics.topic_filters.set(len(sync.held()))
+            except IngestError as exc:
+                # Not connected right now, or the database is away: the next round retries.
+                log.warning("subscriptions not brought in step yet, retrying: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.interval_s)
+
+    async def host(self, member: str, make_host: HostFactory) -> None:
+        """Host ``member``'s session until it asks for it back (returns), or raise.
+
+        Raises IngestError when hosting ends on its own (connection lost, claim lost): the
+        runtime's next heartbeat claims the member again and hosts it anew. Cancelled (we shut
+        down), it hands the session back to the broker the same clean way and drops the claim,
+        so the next leader hosts it without waiting for the claim to expire.
+        """
+        coordinator = self.runtime.coordinator
+        sync = self.sync_for(member)
+        host = make_host(member, sync)
+        host.start()
+        self.metrics.hosted_sessions.inc()
+        handed_back = False
+        try:
+            present = await asyncio.to_thread(host.wait_connected, HOST_CONNECT_TIMEOUT_S)
+            self.metrics.replica_adoptions.inc()
+            log.warning(
+                "hosting the session of replica %s (session present: %s) until it returns",
+                member,
+                present,
+            )
+            while True:
+                if host.ended is not None:
+                    raise BrokerError(
+                        f"hosting replica {member}'s session ended: {host.ended}", retriable=True
+                    )
+                state = await asyncio.to_thread(
+                    self.runtime.call, coordinator.renew_hosting, member
+                )
+                if state == "lost":
+                    raise CoordinationError(
+                        f"the claim on replica {member} is no longer ours; stopped hosting it",
+                        retriable=True,
+                    )
+                if state == "release":
+                    break
+                try:
+                    await asyncio.to_thread(sync.step, host)
+                except IngestError as exc:
+                    log.warning("replica %s's subscriptions not in step yet: %s", member, exc)
+                await asyncio.sleep(HOST_POLL_S)
+            await asyncio.to_thread(host.release, RELEASE_TIMEOUT_S)
+            handed_back = True
+            log.info(
+                "released the session of replica %s (%d message(s) taken while hosting)",
+                member,
+                host.messages,
+            )
+            self.metrics.adopted_messages.inc(host.messages)
+        finally:
+            if not handed_back:
+                await self._hand_back_to_broker(member, host)
+            self.metrics.hosted_sessions.dec()
+
+    async def _hand_back_to_broker(self, member: str, host: SessionHost) -> None:
+        # Runs on errors and on cancellation (shutdown): release what we hold the clean way.
+        try:
+            await asyncio.to_thread(host.release, RELEASE_TIMEOUT_S)
+        except IngestError as exc:
+            log.error(
+                "replica %s's session not handed back cleanly (%s); messages this replica "
+                "logged but had not acknowledged may be written again by the next holder",
+                member,
+                exc,
+            )
+            await asyncio.to_thread(host.stop)
+        self.metrics.adopted_messages.inc(host.messages)
+        with contextlib.suppress(IngestError):
+            await asyncio.to_thread(
+                self.runtime.call, self.runtime.coordinator.abandon_drain, member
+            )
