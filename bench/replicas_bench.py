@@ -2,15 +2,22 @@
 
     python -m bench.replicas_bench [--replicas 3] [--messages 30000] [--vins 5000]
                                    [--rate 1500] [--kill follower|leader|follower-logged-unacked]
-                                   [--lease-s 4] [--heartbeat-s 1]
+                                   [--lease-s 4] [--heartbeat-s 1] [--mode shared|vin]
 
-Starts a mutual-TLS Mosquitto, N ``hm-ingest run`` replicas (one shared subscription, one SQLite
-coordination file, one output folder), publishes ``--messages`` across ``--vins`` VINs at
-``--rate``, SIGKILLs one replica a third of the way in, and restarts it once the leader has adopted
-its session. Prints one table: messages lost and duplicated across all outputs, the per-replica
-share of the messages published before the kill, the take-over time (SIGKILL to the adopted
-session deleted on the broker) and the rejoin time. Not part of the test suite; the same scenario
-at a fixed size is ``tests/replica/test_replicas_daemon.py``.
+Starts a mutual-TLS Mosquitto, N ``hm-ingest run`` replicas (one SQLite coordination file, one
+output folder), publishes ``--messages`` across ``--vins`` VINs at ``--rate``, SIGKILLs one replica
+a third of the way in, and restarts it once another has taken over its session. Prints one table:
+messages lost and duplicated across all outputs, the per-replica share of the messages published
+before the kill, the take-over time and the rejoin time.
+
+``--mode shared`` (default): one shared subscription; take-over is SIGKILL to the adopted session
+deleted on the broker. ``--mode vin``: per-VIN subscriptions by a hash over the members, the VINs
+cleared at the HM emulator through the fleet file first (2 % of the stream are V2 envelopes on the
+application's topic); take-over is SIGKILL to the leader hosting the session, and the table adds
+the time the fleet took to be approved and subscribed, the restart-to-release time, and messages
+written by a replica that does not own their VIN. Not part of the test suite; the same scenarios
+at a fixed size are ``tests/replica/test_replicas_daemon.py`` and
+``tests/replica/test_vin_replicas.py``.
 """
 
 from __future__ import annotations
@@ -27,7 +34,9 @@ from ingest.testing.replicas import ReplicaGroup, TakeoverReport, run_takeover
 
 
 def _table(report: TakeoverReport, lease_s: float) -> str:
+    adopted = str(report.adopted_messages)
     rows = [
+        ("mode", report.mode),
         ("replicas", str(report.replicas)),
         ("VINs / messages", f"{report.vins} / {report.published}"),
         ("publish rate", f"{report.publish_rate:,.0f} msg/s"),
@@ -40,11 +49,25 @@ def _table(report: TakeoverReport, lease_s: float) -> str:
             + f" (max/min {report.spread_ratio:.3f})",
         ),
         ("take-over", f"{report.takeover_s:.1f} s (lease {lease_s:g} s)"),
-        ("messages adopted", str(report.adopted_messages)),
+        # vin mode: the killed replica's messages its session's host wrote
+        ("messages hosted" if report.mode == "vin" else "messages adopted", adopted),
         ("rejoin (restart to ready)", f"{report.rejoin_s:.1f} s"),
     ]
+    if report.mode == "vin":
+        rows += _vin_rows(report)
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _vin_rows(report: TakeoverReport) -> list[tuple[str, str]]:
+    """What vin mode adds to the table."""
+    expected = ", ".join(f"{k} {v}" for k, v in sorted(report.expected_spread.items()))
+    return [
+        ("share its owners predict", expected),
+        ("rejoin (restart to released)", f"{report.release_s or 0:.1f} s"),
+        ("written by a non-owner", str(report.misrouted)),
+        ("fleet approved and subscribed", f"{report.fleet_ready_s or 0:.1f} s after start"),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lease-s", type=positive("seconds"), default=4.0)
     parser.add_argument("--heartbeat-s", type=positive("seconds"), default=1.0)
     parser.add_argument("--client", choices=["auto", "paho", "native"], default="auto")
+    parser.add_argument("--mode", choices=["shared", "vin"], default="shared")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="replicas-bench-") as folder:
         root = Path(folder)
@@ -73,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             lease_s=args.lease_s,
             heartbeat_s=args.heartbeat_s,
             client=args.client,
+            mode=args.mode,
         )
         try:
             report = run_takeover(
@@ -87,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             group.kill_all()
             broker.stop()
     print(_table(report, args.lease_s))
-    return 0 if report.tally.ok else 1
+    return 0 if report.tally.ok and report.misrouted == 0 else 1
 
 
 if __name__ == "__main__":

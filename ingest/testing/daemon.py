@@ -59,6 +59,8 @@ def write_toml(tree: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
             return "true" if value else "false"
         if isinstance(value, int | float):
             return repr(value)
+        if isinstance(value, list | tuple):
+            return "[" + ", ".join(literal(item) for item in value) + "]"
         escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
         return f'"{escaped}"'
 
