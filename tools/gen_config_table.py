@@ -173,7 +173,12 @@ MEANINGS: dict[str, str] = {
     ),
     "replica.mode": (
         "How replicas split the stream: `shared`, an MQTT shared subscription "
-        "(`$share/<group>/<topic>`); the broker must support it."
+        "(`$share/<group>/<topic>`), the broker must support it; `vin`, per-VIN topic filters "
+        "assigned by a hash over `replica.members` (needs `fleet.enabled`)."
+    ),
+    "replica.members": (
+        "`vin` mode: every replica id of the group, the same list on every replica "
+        "(comma-separated in the environment). Changing it moves VINs between replicas."
     ),
     "replica.group": "Shared subscription group name; the same for every replica of one group.",
     "replica.coordination": (

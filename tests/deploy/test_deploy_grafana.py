@@ -38,6 +38,8 @@ REQUIRED = {
     "replica leader": "hm_ingest_replica_leader",
     "adoptions": "hm_ingest_replica_adoptions_total",
     "adopted messages": "hm_ingest_replica_adopted_messages_total",
+    "hosted sessions": "hm_ingest_replica_hosted_sessions",
+    "topic filters held": "hm_ingest_replica_topic_filters",
 }
 # Metric families the daemon exposes that the dashboard leaves out on purpose: family → why.
 NOT_ON_DASHBOARD: dict[str, str] = {}

@@ -265,6 +265,21 @@ def test_each_pod_loads_as_a_replica_with_a_shared_subscription(tmp_path: Path) 
     assert len(client_ids) == REPLICAS, "each pod must hold its own MQTT session"
 
 
+def test_vin_mode_members_are_the_statefulsets_pods(tmp_path: Path) -> None:
+    assert _configmaps()["hm-ingest-replicas"]["mode"] == "shared", "the default mode"
+    path = tmp_path / "hm-ingest.toml"
+    path.write_text(_configmaps()["hm-ingest-config"]["hm-ingest.toml"], encoding="utf-8")
+    for pod in _pods():
+        environment = {
+            **_pod_environment(pod),
+            "HM_INGEST_REPLICA_MODE": "vin",
+            "HM_INGEST_FLEET_ENABLED": "true",
+        }
+        settings = load_settings(path, environment)
+        assert settings.replica.vin_sharded
+        assert settings.replica.members == _pods(), "members must name every pod, no more"
+
+
 def test_pod_disruption_budget_takes_one_replica_at_a_time() -> None:
     budget = _resource("PodDisruptionBudget")
     assert budget["spec"]["maxUnavailable"] == 1
