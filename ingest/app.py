@@ -275,7 +275,9 @@ class Daemon:
                 )
                 if sharding is not None and own_sync is not None:
                     assert isinstance(session, MqttSession)  # the settings pick paho in vin mode
-                    adopt = self._hosting(sharding, intake, adopters)
+                    adopt = self._hosting(
+                        sharding, intake, adopters, retire=self._adoption(intake, adopters)
+                    )
                     subscriptions = partial(sharding.keep_subscriptions, own_sync, session)
                 else:
                     adopt, subscriptions = self._adoption(intake, adopters), None
@@ -465,8 +467,11 @@ class Daemon:
         sharding: VinSharding,
         intake: Intake,
         adopters: dict[int, SessionAdopter | SessionHost],
+        *,
+        retire: Callable[[str], Awaitable[None]],
     ) -> Callable[[str], Awaitable[None]]:
-        """How the leader hosts a lost replica's session (VIN-sharded mode)."""
+        """How the leader hosts a lost replica's session (VIN-sharded mode); ``retire`` drains
+        and deletes the session of a replica removed from the member list."""
         settings = self.settings
         channels = itertools.count(1)
         key_of = message_key_function(
@@ -492,9 +497,11 @@ class Daemon:
                 return session_host
 
             try:
-                await sharding.host(member, make_host)
+                retired = await sharding.host(member, make_host)
             finally:
                 adopters.pop(channel, None)
+            if retired:
+                await retire(member)
 
         return host
 

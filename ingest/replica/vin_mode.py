@@ -68,8 +68,12 @@ class VinSharding:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.interval_s)
 
-    async def host(self, member: str, make_host: HostFactory) -> None:
-        """Host ``member``'s session until it asks for it back (returns), or raise.
+    async def host(self, member: str, make_host: HostFactory) -> bool:
+        """Host ``member``'s session until it asks for it back, or raise.
+
+        Returns True when ``member`` is no longer in the member list and its session holds no
+        filter any more (its VINs' new owners took them over): the session is retired, and the
+        caller drains and deletes it (:mod:`ingest.replica.adopt`); False after a hand-back.
 
         Raises IngestError when hosting ends on its own (connection lost, claim lost): the
         runtime's next heartbeat claims the member again and hosts it anew. Cancelled (we shut
@@ -81,7 +85,7 @@ class VinSharding:
         host = make_host(member, sync)
         host.start()
         self.metrics.hosted_sessions.inc()
-        handed_back = False
+        handed_back = retired = False
         try:
             present = await asyncio.to_thread(host.wait_connected, HOST_CONNECT_TIMEOUT_S)
             self.metrics.replica_adoptions.inc()
@@ -109,15 +113,22 @@ class VinSharding:
                     await asyncio.to_thread(sync.step, host)
                 except IngestError as exc:
                     log.warning("replica %s's subscriptions not in step yet: %s", member, exc)
+                if member not in self.runtime.members and not sync.held():
+                    retired = True
+                    break
                 await asyncio.sleep(HOST_POLL_S)
             await asyncio.to_thread(host.release, RELEASE_TIMEOUT_S)
             handed_back = True
             log.info(
-                "released the session of replica %s (%d message(s) taken while hosting)",
+                "released the session of replica %s (%d message(s) taken while hosting)%s",
                 member,
                 host.messages,
+                "; it left the member list and its VINs have new owners: deleting the session"
+                if retired
+                else "",
             )
             self.metrics.adopted_messages.inc(host.messages)
+            return retired
         finally:
             if not handed_back:
                 await self._hand_back_to_broker(member, host)
