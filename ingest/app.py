@@ -49,7 +49,7 @@ from ingest.mqtt import (
 )
 from ingest.mqtt_native import make_session
 from ingest.parquet import PartitionedWriter
-from ingest.replica.adopt import SessionAdopter, message_key_function
+from ingest.replica.adopt import KeyOf, SessionAdopter, message_key_function
 from ingest.replica.host import SessionHost
 from ingest.replica.runtime import ReplicaRuntime, open_replica_runtime
 from ingest.replica.shards import topic_prefix
@@ -173,6 +173,9 @@ class Daemon:
         # Set when running as one of several replicas ([replica] id).
         self.replica: ReplicaRuntime | None = None
         self._fenced = False
+        # Delivery channels of adopted and hosted sessions: one sequence, so none is reused
+        # while another is live (0 is the daemon's own session).
+        self._channels = itertools.count(1)
 
     async def run(self) -> int:
         settings = self.settings
@@ -394,10 +397,7 @@ class Daemon:
     ) -> Callable[[str], Awaitable[None]]:
         """How the leader adopts a lost replica's session: into this daemon's own intake."""
         settings = self.settings
-        channels = itertools.count(1)
-        key_of = message_key_function(
-            settings.mqtt.app_id or None, settings.ingest.max_payload_bytes
-        )
+        channels, key_of = self._channels, self._key_of()
 
         async def adopt(member: str) -> None:
             runtime = self.replica
@@ -426,6 +426,11 @@ class Daemon:
                 adopters.pop(channel, None)
 
         return adopt
+
+    def _key_of(self) -> KeyOf:
+        """The sink's dedupe key of a message, for keys recorded before a PUBACK."""
+        settings = self.settings
+        return message_key_function(settings.mqtt.app_id or None, settings.ingest.max_payload_bytes)
 
     def _vin_sharding(self) -> VinSharding | None:
         """VIN-sharded mode's context, or None (one daemon, or shared-subscription replicas)."""
@@ -473,10 +478,7 @@ class Daemon:
         """How the leader hosts a lost replica's session (VIN-sharded mode); ``retire`` drains
         and deletes the session of a replica removed from the member list."""
         settings = self.settings
-        channels = itertools.count(1)
-        key_of = message_key_function(
-            settings.mqtt.app_id or None, settings.ingest.max_payload_bytes
-        )
+        channels, key_of = self._channels, self._key_of()
 
         async def host(member: str) -> None:
             runtime = sharding.runtime

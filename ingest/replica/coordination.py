@@ -386,27 +386,13 @@ class Coordinator:
     def renew_drain(self, member: str) -> bool:
         """Extend my claim on ``member``; False when the claim is no longer mine."""
         with self._write("renew drain") as tx:
-            now = self._clock()
-            renewed = tx.run(
-                "UPDATE hm_replica_drains SET expires_at = ? WHERE member = ? AND holder = ?",
-                now + self._lease_s,
-                member,
-                self.replica,
-            )
-            return renewed == 1
+            return self._renew_claim(tx, member)
 
     def renew_hosting(self, member: str) -> HostingState:
         """Like :meth:`renew_drain` for a hosted session: ``release`` once ``member`` asked for
         it back (its ``try_join`` is waiting), ``lost`` when the claim is no longer mine."""
         with self._write("renew hosting") as tx:
-            now = self._clock()
-            renewed = tx.run(
-                "UPDATE hm_replica_drains SET expires_at = ? WHERE member = ? AND holder = ?",
-                now + self._lease_s,
-                member,
-                self.replica,
-            )
-            if renewed != 1:
+            if not self._renew_claim(tx, member):
                 return "lost"
             asked = tx.one("SELECT 1 FROM hm_replica_returns WHERE member = ?", member)
             return "release" if asked else "keep"
@@ -586,6 +572,15 @@ class Coordinator:
         return f"Coordinator(replica={self.replica!r}, url={self._url!r})"
 
     # -- plumbing -----------------------------------------------------------------------------
+
+    def _renew_claim(self, tx: _Tx, member: str) -> bool:
+        renewed = tx.run(
+            "UPDATE hm_replica_drains SET expires_at = ? WHERE member = ? AND holder = ?",
+            self._clock() + self._lease_s,
+            member,
+            self.replica,
+        )
+        return renewed == 1
 
     def _check_claim(self, tx: _Tx, member: str) -> None:
         holder = tx.one("SELECT holder FROM hm_replica_drains WHERE member = ?", member)
