@@ -53,10 +53,7 @@ class EmulatorProcess:
         decision_delay_s: float,
     ) -> dict[str, Any]:
         """Start paused (nothing is published before the daemon holds its session); the JSON."""
-        argv = [
-            sys.executable, "-m", "ingest.cli", "emulator",
-            "--api-listen", "127.0.0.1:0",
-            "--state-dir", str(self.state_dir),
+        return self.launch([
             "--webhook-url", webhook_url,
             "--decision-delay-s", str(decision_delay_s),
             "--mqtt-broker", f"{broker.host}:{broker.port}",
@@ -71,7 +68,17 @@ class EmulatorProcess:
             "--malformed-rate", str(malformed_rate),
             "--stream-seed", str(seed),
             "--stream-paused",
+        ])  # fmt: skip
+
+    def launch(self, arguments: list[str]) -> dict[str, Any]:
+        """Start ``hm-ingest emulator`` on a loopback port with ``arguments``; its JSON line."""
+        argv = [
+            sys.executable, "-m", "ingest.cli", "emulator",
+            "--api-listen", "127.0.0.1:0",
+            "--state-dir", str(self.state_dir),
+            *arguments,
         ]  # fmt: skip
+        self.info_path.parent.mkdir(parents=True, exist_ok=True)
         with self.info_path.open("wb") as stdout, self.log_path.open("ab") as stderr:
             self.proc = subprocess.Popen(
                 argv,
