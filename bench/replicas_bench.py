@@ -3,6 +3,7 @@
     python -m bench.replicas_bench [--replicas 3] [--messages 30000] [--vins 5000]
                                    [--rate 1500] [--kill follower|leader|follower-logged-unacked]
                                    [--lease-s 4] [--heartbeat-s 1] [--mode shared|vin]
+                                   [--scenario takeover|host-shutdown|resize|resize-r3-first]
 
 Starts a mutual-TLS Mosquitto, N ``hm-ingest run`` replicas (one SQLite coordination file, one
 output folder), publishes ``--messages`` across ``--vins`` VINs at ``--rate``, SIGKILLs one replica
@@ -18,6 +19,11 @@ the time the fleet took to be approved and subscribed, the restart-to-release ti
 written by a replica that does not own their VIN. Not part of the test suite; the same scenarios
 at a fixed size are ``tests/replica/test_replicas_daemon.py`` and
 ``tests/replica/test_vin_replicas.py``.
+
+``--scenario host-shutdown|resize|resize-r3-first`` runs a scenario of
+``ingest.testing.vin_scenarios`` instead (vin mode, 3 replicas, ``--vins``, ``--rate``, the lease
+options; the stream lasts as long as the scenario) and prints its figures phase by phase:
+``tests/replica/test_vin_handovers.py`` at other sizes.
 """
 
 from __future__ import annotations
@@ -31,6 +37,13 @@ from ingest.argtypes import positive
 from ingest.testing.broker import MosquittoBroker
 from ingest.testing.certs import make_certs
 from ingest.testing.replicas import ReplicaGroup, TakeoverReport, run_takeover
+from ingest.testing.vin_scenarios import (
+    HostShutdownReport,
+    ResizeReport,
+    describe_phases,
+    run_host_shutdown,
+    run_resize,
+)
 
 
 def _table(report: TakeoverReport, lease_s: float) -> str:
@@ -70,6 +83,21 @@ def _vin_rows(report: TakeoverReport) -> list[tuple[str, str]]:
     ]
 
 
+def _run_scenario(scenario: str, group: ReplicaGroup, vins: int, rate: float) -> int:
+    """One of ingest.testing.vin_scenarios; prints its report, 0 when nothing was lost."""
+    report: HostShutdownReport | ResizeReport
+    if scenario == "host-shutdown":
+        report = run_host_shutdown(group, vins=vins, rate=rate)
+    else:
+        first = scenario == "resize-r3-first"
+        report = run_resize(group, vins=vins, rate=rate, new_member_first=first)
+    for name, value in vars(report).items():
+        if name != "phases":
+            print(f"{name:<32}  {value}")
+    print(describe_phases(report.phases))
+    return 0 if report.tally.lost == 0 else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--replicas", type=int, choices=range(2, 10), default=3)
@@ -83,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heartbeat-s", type=positive("seconds"), default=1.0)
     parser.add_argument("--client", choices=["auto", "paho", "native"], default="auto")
     parser.add_argument("--mode", choices=["shared", "vin"], default="shared")
+    parser.add_argument(
+        "--scenario",
+        choices=["takeover", "host-shutdown", "resize", "resize-r3-first"],
+        default="takeover",
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="replicas-bench-") as folder:
         root = Path(folder)
@@ -93,13 +126,16 @@ def main(argv: list[str] | None = None) -> int:
             broker,
             certs,
             root / "run",
-            count=args.replicas,
+            # The scenarios of ingest.testing.vin_scenarios are written for r0, r1 and r2.
+            count=args.replicas if args.scenario == "takeover" else 3,
             lease_s=args.lease_s,
             heartbeat_s=args.heartbeat_s,
             client=args.client,
-            mode=args.mode,
+            mode="vin" if args.scenario != "takeover" else args.mode,
         )
         try:
+            if args.scenario != "takeover":
+                return _run_scenario(args.scenario, group, args.vins, args.rate)
             report = run_takeover(
                 group,
                 messages=args.messages,
