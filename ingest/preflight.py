@@ -280,6 +280,7 @@ def check_replica(settings: Settings) -> Iterator[Finding]:
             members = coordinator.members()
             leader = coordinator.leader(DEFAULT_ROLE)
             held = coordinator.subscriptions() if replica.vin_sharded else {}
+            published = coordinator.published_members() if replica.vin_sharded else None
     except IngestError as exc:  # opened, then the reads failed (a dropped connection)
         yield Finding(Level.ERROR, "replica.coordination", str(exc))
         return
@@ -287,7 +288,7 @@ def check_replica(settings: Settings) -> Iterator[Finding]:
         Level.OK, "replica.coordination", f"{redact_url(url)}: {_group_summary(members, leader)}"
     )
     if replica.vin_sharded:
-        yield from _vin_mode_findings(replica.members, members, held)
+        yield from _vin_mode_findings(replica.members, published, members, held)
     same = [m for m in members if m.alive and m.replica == replica.id]
     if same:
         # Two pods with one id share one MQTT client id: the broker disconnects each in turn
@@ -306,25 +307,38 @@ def check_replica(settings: Settings) -> Iterator[Finding]:
 
 
 def _vin_mode_findings(
-    configured: list[str], members: list[Member], held: dict[str, set[str]]
+    configured: list[str],
+    published: list[str] | None,
+    members: list[Member],
+    held: dict[str, set[str]],
 ) -> Iterator[Finding]:
+    group = configured if published is None else published
     sessions = {replica for holders in held.values() for replica in holders}
     yield Finding(
         Level.OK,
         "replica.members",
-        f"VIN-sharded over {len(configured)} member(s); {len(held)} topic filter(s) held by "
-        f"{len(sessions)} session(s)",
+        f"VIN-sharded over {len(group)} member(s) ({','.join(group)}, "
+        f"{'this replica' if published is None else 'the leader'}'s list); {len(held)} topic "
+        f"filter(s) held by {len(sessions)} session(s)",
     )
-    strangers = sorted({m.replica for m in members if m.alive} - set(configured))
-    if strangers:
-        # Replicas hashing over different lists disagree on owners: a VIN would be subscribed
-        # twice (written twice) or by nobody (dropped by the broker).
+    if published is not None and published != configured:
+        # Every replica follows the leader's list, so this is a rolling change in progress or
+        # a forgotten replica: its own list takes effect only once it leads.
         yield Finding(
-            Level.ERROR,
+            Level.WARN,
             "replica.members",
-            f"live member(s) {', '.join(strangers)} are not in replica.members {configured}: "
-            "every replica must have the same member list; fix HM_INGEST_REPLICA_MEMBERS on "
-            "all of them",
+            f"replica.members {','.join(configured)} differs from the group's list "
+            f"{','.join(published)} (the leader's): finish the change on every replica "
+            "(HM_INGEST_REPLICA_MEMBERS); VINs that change owner are written twice while two "
+            "replicas subscribe them",
+        )
+    strangers = sorted({m.replica for m in members if m.alive} - set(group))
+    if strangers:
+        yield Finding(
+            Level.WARN,
+            "replica.members",
+            f"live member(s) {', '.join(strangers)} are not in the member list {group}: they "
+            "own no VIN until a leader publishes a list with them",
         )
 
 

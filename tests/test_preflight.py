@@ -584,7 +584,7 @@ def test_another_live_member_with_this_id_is_a_warning(tmp_path: Path) -> None:
     assert at(restarted, Level.WARN, "replica.id") == []
 
 
-def test_vin_mode_reports_held_filters_and_refuses_a_stranger_member(tmp_path: Path) -> None:
+def test_vin_mode_reports_the_groups_list_held_filters_and_disagreements(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/c.sqlite3"
     settings = Settings.model_validate(
         {
@@ -604,12 +604,21 @@ def test_vin_mode_reports_held_filters_and_refuses_a_stranger_member(tmp_path: P
     with Coordinator.open(url, replica="r1", lease_s=LEASE_S) as r1:
         r1.record_subscribed("r1", ["live/level13/app/V1/#", "live/level13/app/V2/#"])
     [ok] = at(list(check_replica(settings)), Level.OK, "replica.members")
-    assert "VIN-sharded over 2 member(s); 2 topic filter(s) held by 1 session(s)" in ok.message
+    assert "VIN-sharded over 2 member(s) (r0,r1, this replica's list)" in ok.message
+    assert "2 topic filter(s) held by 1 session(s)" in ok.message
+    assert at(list(check_replica(settings)), Level.WARN, "replica.members") == []
 
-    _member(url, "r7")  # started with another member list
-    [error] = at(list(check_replica(settings)), Level.ERROR, "replica.members")
-    assert "live member(s) r7 are not in replica.members ['r0', 'r1']" in error.message
-    assert "HM_INGEST_REPLICA_MEMBERS" in error.message
+    # The leader runs with a third member: the group follows its list.
+    _member(url, "r7")
+    with Coordinator.open(url, replica="r1", lease_s=LEASE_S) as r1:
+        assert r1.try_lead()
+        assert r1.publish_members(["r0", "r1", "r2"])
+    findings = list(check_replica(settings))
+    [ok] = at(findings, Level.OK, "replica.members")
+    assert "(r0,r1,r2, the leader's list)" in ok.message
+    differs, stranger = at(findings, Level.WARN, "replica.members")
+    assert "replica.members r0,r1 differs from the group's list r0,r1,r2" in differs.message
+    assert "live member(s) r7 are not in the member list" in stranger.message
 
 
 @pytest.mark.parametrize(

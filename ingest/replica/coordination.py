@@ -19,6 +19,9 @@ They coordinate through one small database, SQLite (replicas on one host) or Pos
   once the new owner holds it.
 * ``hm_replica_expected`` (VIN-sharded mode): configured members that have not joined yet, and
   since when; one that stays away for a lease is given an expired row and hosted.
+* ``hm_replica_settings`` (VIN-sharded mode): the member list the leader publishes; every
+  replica hashes over it, so a rolling change of ``[replica] members`` flips the whole group at
+  once (when a replica with the new list leads) instead of leaving replicas that disagree.
 * ``hm_replica_returns`` (VIN-sharded mode): there a drain is a *hosting* that lasts until the
   member comes back; its refused ``try_join`` records a request here, which the host sees in
   ``renew_hosting`` and answers by handing the session back (``finish_drain``).
@@ -124,10 +127,18 @@ _SCHEMA = (
         expires_at DOUBLE PRECISION NOT NULL
     )""",
     # VIN-sharded mode: the topic filters each replica's session is subscribed to (SUBACKed).
+    # leaving: 1 from the moment the session may UNSUBSCRIBE it (another session holds it).
     """CREATE TABLE IF NOT EXISTS hm_replica_subscriptions (
         replica TEXT NOT NULL,
         topic_filter TEXT NOT NULL,
+        leaving INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (replica, topic_filter)
+    )""",
+    # Group-wide settings the leader publishes: "members", the member list every VIN-sharded
+    # replica hashes over (one list for the whole group, even while their configurations differ).
+    """CREATE TABLE IF NOT EXISTS hm_replica_settings (
+        name TEXT PRIMARY KEY,
+        value TEXT NOT NULL
     )""",
     # VIN-sharded mode: a configured member without a membership row, since when the leader
     # has been waiting for it (it is hosted once a lease passes without it joining).
@@ -167,8 +178,12 @@ INSERT INTO hm_replica_expected (member, since) VALUES (?, ?)
 ON CONFLICT (member) DO NOTHING
 """
 _INSERT_SUBSCRIPTION = """
-INSERT INTO hm_replica_subscriptions (replica, topic_filter) VALUES (?, ?)
-ON CONFLICT (replica, topic_filter) DO NOTHING
+INSERT INTO hm_replica_subscriptions (replica, topic_filter, leaving) VALUES (?, ?, 0)
+ON CONFLICT (replica, topic_filter) DO UPDATE SET leaving = 0
+"""
+_UPSERT_SETTING = """
+INSERT INTO hm_replica_settings (name, value) VALUES (?, ?)
+ON CONFLICT (name) DO UPDATE SET value = excluded.value
 """
 _INSERT_ADOPTED = """
 INSERT INTO hm_replica_adopted (member, dedupe_key, adopted_by) VALUES (?, ?, ?)
@@ -487,7 +502,7 @@ class Coordinator:
     # -- subscriptions (VIN-sharded mode) -----------------------------------------------------
 
     def record_subscribed(self, replica: str, filters: Sequence[str]) -> None:
-        """``replica``'s session holds these filters (after their SUBACK)."""
+        """``replica``'s session holds these filters (after their SUBACK); no longer leaving."""
         if filters:
             with self._write("record subscriptions") as tx:
                 tx.many(_INSERT_SUBSCRIPTION, [(replica, f) for f in filters])
@@ -501,11 +516,51 @@ class Coordinator:
                     [(replica, f) for f in filters],
                 )
 
+    def mark_leaving(self, replica: str, filters: Sequence[str]) -> list[str]:
+        """Of ``filters``, those ``replica``'s session may now UNSUBSCRIBE, marked as leaving.
+
+        One may leave only while another session holds it and is not leaving it itself, checked
+        and marked in one transaction: two sessions that both think a filter is no longer theirs
+        (replicas disagreeing on the member list for a moment) cannot both drop it, which would
+        leave its VIN with no subscriber. Forgotten with :meth:`forget_subscribed` after the
+        UNSUBACK; a crash in between leaves it marked, and the next attempt goes on from there.
+        """
+        if not filters:
+            return []
+        leaving = []
+        with self._write("mark subscriptions leaving") as tx:
+            for topic_filter in filters:
+                other = tx.one(
+                    "SELECT 1 FROM hm_replica_subscriptions "
+                    "WHERE topic_filter = ? AND replica <> ? AND leaving = 0",
+                    topic_filter,
+                    replica,
+                )
+                if other is not None:
+                    tx.run(
+                        "UPDATE hm_replica_subscriptions SET leaving = 1 "
+                        "WHERE replica = ? AND topic_filter = ?",
+                        replica,
+                        topic_filter,
+                    )
+                    leaving.append(topic_filter)
+        return leaving
+
     def subscribed(self, replica: str) -> set[str]:
-        """The filters recorded for ``replica``'s session."""
+        """The filters recorded for ``replica``'s session (leaving ones included)."""
         with self._read("read subscriptions") as tx:
             rows = tx.all(
                 "SELECT topic_filter FROM hm_replica_subscriptions WHERE replica = ?", replica
+            )
+        return {f for (f,) in rows}
+
+    def leaving(self, replica: str) -> set[str]:
+        """The filters ``replica``'s session is leaving (marked, not yet forgotten)."""
+        with self._read("read subscriptions") as tx:
+            rows = tx.all(
+                "SELECT topic_filter FROM hm_replica_subscriptions "
+                "WHERE replica = ? AND leaving = 1",
+                replica,
             )
         return {f for (f,) in rows}
 
@@ -517,6 +572,29 @@ class Coordinator:
         for topic_filter, replica in rows:
             held.setdefault(topic_filter, set()).add(replica)
         return held
+
+    def publish_members(self, members: Sequence[str], role: str = DEFAULT_ROLE) -> bool:
+        """As the holder of ``role``, make ``members`` the group's member list; False (and no
+        change) when I do not hold it."""
+        with self._write("publish members") as tx:
+            lease = tx.one(
+                "SELECT 1 FROM hm_replica_leases WHERE role = ? AND holder = ? AND expires_at > ?",
+                role,
+                self.replica,
+                self._clock(),
+            )
+            if lease is None:
+                return False
+            tx.run(_UPSERT_SETTING, "members", ",".join(members))
+            return True
+
+    def published_members(self) -> list[str] | None:
+        """The member list the leader published, or None before any was."""
+        with self._read("read members") as tx:
+            row = tx.one("SELECT value FROM hm_replica_settings WHERE name = ?", "members")
+        if row is None:
+            return None
+        return [m for m in str(row[0]).split(",") if m]
 
     # -- leader leases ------------------------------------------------------------------------
 

@@ -49,6 +49,9 @@ class ReplicaRuntime:
         """``members``: the configured member list (VIN-sharded mode), each of which must have
         a session someone holds; empty in shared mode, where only members that ran count."""
         self.coordinator = coordinator
+        self.configured_members = list(members)
+        # The group's list: the leader's (published in the coordination database), so replicas
+        # whose configurations differ during a rolling change still agree on every VIN's owner.
         self.members = list(members)
         self._metrics = metrics
         self.replica = coordinator.replica
@@ -78,13 +81,14 @@ class ReplicaRuntime:
         while not stop.is_set():
             try:
                 if await self._call(self.coordinator.try_join):
+                    await self.follow_members()
                     if waited:
                         log.info("replica %s: the adoption of its session is over", self.replica)
                     log.info("replica %s joined its group", self.replica)
                     return True
                 message = (
                     "another replica holds its session; asked for it back"
-                    if self.members
+                    if self.configured_members
                     else "its previous session is being adopted by the leader"
                 )
             except IngestError as exc:
@@ -138,6 +142,7 @@ class ReplicaRuntime:
                         on_fenced()
                         return
                     self._set_leader(await self._call(self.coordinator.try_lead))
+                    await self.follow_members()
                     if self.role.leader:
                         await self._adopt_lost_members(adopt)
                 except IngestError as exc:
@@ -154,6 +159,26 @@ class ReplicaRuntime:
                     log.warning("replica %s: could not resign leadership: %s", self.replica, exc)
                 self._set_leader(False)
 
+    async def follow_members(self) -> None:
+        """VIN-sharded mode: the leader publishes its configured member list; everyone (the
+        leader too) hashes over the published one."""
+        if not self.configured_members:
+            return
+        if self.role.leader:
+            await self._call(self.coordinator.publish_members, self.configured_members)
+        published = await self._call(self.coordinator.published_members)
+        if published is None or published == self.members:
+            return
+        log.warning(
+            "replica %s: the group's member list is now %s (the leader's)%s",
+            self.replica,
+            ",".join(published),
+            ""
+            if published == self.configured_members
+            else f"; this replica's [replica] members is {','.join(self.configured_members)}",
+        )
+        self.members = published
+
     def _set_leader(self, leading: bool) -> None:
         if leading == self.role.leader:
             return
@@ -168,7 +193,7 @@ class ReplicaRuntime:
     async def _adopt_lost_members(self, adopt: Callable[[str], Awaitable[None]]) -> None:
         for task_member in [m for m, t in self._adoptions.items() if t.done()]:
             del self._adoptions[task_member]
-        if self.members:
+        if self.configured_members:
             await self._call(self.coordinator.ensure_members, self.members)
         for member in await self._call(self.coordinator.members):
             name = member.replica
@@ -179,7 +204,7 @@ class ReplicaRuntime:
                     "replica %s lost its lease: %s its session so its share of the "
                     "stream is not left queued on the broker",
                     name,
-                    "hosting" if self.members else "adopting",
+                    "hosting" if self.configured_members else "adopting",
                 )
                 self._adoptions[name] = asyncio.create_task(
                     self._adopt(name, adopt), name=f"adopt-{name}"

@@ -12,7 +12,9 @@ hosts (:mod:`ingest.replica.host`). :meth:`SubscriptionSync.step` runs every hea
 4. UNSUBSCRIBE a filter this member no longer owns (the member list changed) only once another
    session has recorded it: the new owner subscribes first. Dropping it first would open a gap
    in which the broker discards that VIN's messages; the overlap instead delivers a message
-   published in it to both sessions (see docs/scaling.md).
+   published in it to both sessions (see docs/scaling.md). Whether it may go is decided and
+   marked in one transaction (:meth:`Coordinator.mark_leaving`), so two sessions can never both
+   let one filter go.
 """
 
 from __future__ import annotations
@@ -74,30 +76,33 @@ class SubscriptionSync:
         self,
         *,
         member: str,
-        members: Sequence[str],
+        members: Callable[[], Sequence[str]],
         prefix: str,
         runtime: ReplicaRuntime,
         vins: Callable[[], set[str] | frozenset[str]],
     ) -> None:
-        """``member``: whose session (this replica, or the one hosted); ``vins`` lists the
-        VINs to consider."""
+        """``member``: whose session (this replica, or the one hosted); ``members``: the group's
+        member list now (the leader's, :attr:`ReplicaRuntime.members`); ``vins``: the VINs."""
         self.member = member
-        self._members = list(members)
+        self._members = members
         self._prefix = prefix
         self._runtime = runtime
         self._coordinator = runtime.coordinator
         self._vins = vins
-        # The filters the session holds, as recorded (loaded on first use).
+        # The filters the session holds as recorded, and those of them it is leaving (loaded
+        # on first use).
         self._held: set[str] | None = None
+        self._leaving: set[str] = set()
 
     def held(self) -> list[str]:
         """What the session holds: subscribed again when the broker lost the session."""
         if self._held is None:
             self._held = self._runtime.call(self._coordinator.subscribed, self.member)
+            self._leaving = self._runtime.call(self._coordinator.leaving, self.member)
         return sorted(self._held)
 
     def desired(self) -> set[str]:
-        return filters_of(self.member, self._members, self._prefix, self._vins())
+        return filters_of(self.member, self._members(), self._prefix, self._vins())
 
     def step(self, session: Subscriber) -> SyncReport:
         """One reconciliation of ``session``'s subscriptions (blocking: run it in a thread).
@@ -107,37 +112,41 @@ class SubscriptionSync:
         """
         held = set(self.held())
         desired = self.desired()
-        missing = sorted(desired - held)
+        # A filter it was leaving and owns again (the member list changed back) is subscribed
+        # again too: its UNSUBSCRIBE may have gone out already.
+        missing = sorted((desired - held) | (desired & self._leaving))
         if missing:
             session.subscribe(missing)
             self._runtime.call(self._coordinator.record_subscribed, self.member, missing)
             held.update(missing)
-            self._held = set(held)
+            self._held = held
+            self._leaving.difference_update(missing)
             log.info(
                 "replica %s: subscribed %d topic filter(s) (%d held)",
                 self.member,
                 len(missing),
                 len(held),
             )
-        surplus = held - desired
+        surplus = sorted(held - desired)
         if not surplus:
             return SyncReport(subscribed=len(missing))
-        holders = self._runtime.call(self._coordinator.subscriptions)
-        handed_over = sorted(f for f in surplus if holders.get(f, set()) - {self.member})
-        if handed_over:
-            session.unsubscribe(handed_over)
-            self._runtime.call(self._coordinator.forget_subscribed, self.member, handed_over)
-            held.difference_update(handed_over)
-            self._held = set(held)
+        leaving = self._runtime.call(self._coordinator.mark_leaving, self.member, surplus)
+        if leaving:
+            self._leaving.update(leaving)
+            session.unsubscribe(leaving)
+            self._runtime.call(self._coordinator.forget_subscribed, self.member, leaving)
+            held.difference_update(leaving)
+            self._held = held
+            self._leaving.difference_update(leaving)
             log.info(
                 "replica %s: unsubscribed %d topic filter(s) their new owner now holds",
                 self.member,
-                len(handed_over),
+                len(leaving),
             )
         return SyncReport(
             subscribed=len(missing),
-            unsubscribed=len(handed_over),
-            awaiting_new_owner=len(surplus) - len(handed_over),
+            unsubscribed=len(leaving),
+            awaiting_new_owner=len(surplus) - len(leaving),
         )
 
 

@@ -48,7 +48,7 @@ class VinSharding:
     def sync_for(self, member: str) -> SubscriptionSync:
         return SubscriptionSync(
             member=member,
-            members=self.runtime.members,
+            members=lambda: self.runtime.members,
             prefix=self.prefix,
             runtime=self.runtime,
             vins=self.vins,
@@ -138,6 +138,12 @@ class VinSharding:
         # Runs on errors and on cancellation (shutdown): release what we hold the clean way.
         try:
             await asyncio.to_thread(host.release, RELEASE_TIMEOUT_S)
+            log.info(
+                "handed the session of replica %s back to the broker (%d message(s) taken while "
+                "hosting); the next leader hosts it",
+                member,
+                host.messages,
+            )
         except IngestError as exc:
             log.error(
                 "replica %s's session not handed back cleanly (%s); messages this replica "

@@ -194,6 +194,35 @@ def test_try_join_refused_while_claimed(open_coordinator: Any, clock: FakeClock)
     assert x.adopted_keys() == ["k1", "k2"], "finish_drain keeps the adopted keys"
 
 
+def test_a_filter_may_leave_only_while_another_session_keeps_it(open_coordinator: Any) -> None:
+    a, b = open_coordinator("a"), open_coordinator("b")
+    a.record_subscribed("a", ["F", "G"])
+    assert a.mark_leaving("a", ["F", "G"]) == [], "nobody else holds them"
+    b.record_subscribed("b", ["F", "G"])
+    assert a.mark_leaving("a", ["F"]) == ["F"]
+    assert a.leaving("a") == {"F"}
+    assert b.mark_leaving("b", ["F"]) == [], "a is leaving F: b is its last holder"
+    assert a.mark_leaving("a", ["F"]) == ["F"], "retried after a crash: still allowed"
+    a.forget_subscribed("a", ["F"])
+    assert a.subscriptions() == {"F": {"b"}, "G": {"a", "b"}}
+    a.record_subscribed("b", ["G"])
+    assert b.mark_leaving("b", ["G"]) == ["G"]
+    b.record_subscribed("b", ["G"])  # owned again: no longer leaving
+    assert b.leaving("b") == set()
+    assert a.mark_leaving("a", []) == []
+
+
+def test_only_the_leader_publishes_the_member_list(open_coordinator: Any) -> None:
+    a, b = open_coordinator("a"), open_coordinator("b")
+    assert a.published_members() is None
+    assert not b.publish_members(["a", "b"]), "b does not lead"
+    assert a.try_lead()
+    assert a.publish_members(["a", "b", "c"])
+    assert b.published_members() == ["a", "b", "c"]
+    assert a.publish_members(["a"])
+    assert b.published_members() == ["a"]
+
+
 # -- hosting (VIN-sharded mode) ------------------------------------------------------------------
 
 
@@ -580,6 +609,7 @@ def test_postgresql_tables_live_in_the_urls_schema(pg_schema: tuple[str, Any]) -
         "hm_replica_leases",
         "hm_replica_members",
         "hm_replica_returns",
+        "hm_replica_settings",
         "hm_replica_subscriptions",
     ]
 

@@ -6,6 +6,7 @@ tests/test_mqtt_filters.py, and the whole loop by tests/replica/test_vin_replica
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -26,6 +27,8 @@ class RecordingSession:
         self.filters: set[str] = set()
         self.calls: list[tuple[str, list[str]]] = []
         self.fail: BrokerError | None = None
+        # The process dies right after the broker acknowledged an UNSUBSCRIBE.
+        self.crash_after_unsubscribe = False
 
     def subscribe(self, filters: Sequence[str], timeout_s: float = 10.0) -> None:
         if self.fail is not None:
@@ -36,6 +39,8 @@ class RecordingSession:
     def unsubscribe(self, filters: Sequence[str], timeout_s: float = 10.0) -> None:
         self.calls.append(("unsubscribe", list(filters)))
         self.filters.difference_update(filters)
+        if self.crash_after_unsubscribe:
+            raise SystemExit("killed")
 
 
 @pytest.fixture
@@ -54,7 +59,11 @@ def _sync(
     runtime: ReplicaRuntime, member: str, members: Sequence[str], vins: set[str]
 ) -> SubscriptionSync:
     return SubscriptionSync(
-        member=member, members=members, prefix=PREFIX, runtime=runtime, vins=lambda: vins
+        member=member,
+        members=lambda: members,
+        prefix=PREFIX,
+        runtime=runtime,
+        vins=lambda: vins,
     )
 
 
@@ -149,3 +158,65 @@ def test_desired_vins_rereads_only_a_changed_file(tmp_path: Path) -> None:
     fleet.write_text("not a fleet file")
     assert desired() == {"WVWZZZ1KZAW000001", "WVWZZZ1KZAW000002"}, "the last good VINs"
     assert DesiredVins(None)() == frozenset()
+
+
+def test_two_sessions_that_both_think_a_filter_is_not_theirs_never_both_drop_it(
+    runtimes: dict[str, ReplicaRuntime],
+) -> None:
+    """r0 on a new member list and r1 on the old one disagree about who owns the moved VINs.
+    r0 unsubscribes them and dies before it can forget them; r1's step comes next and must
+    keep them: otherwise nobody would subscribe those VINs."""
+    old, new = ["r0", "r1"], ["r0", "r1", "r2"]
+    vins = {v for v in VINS if owner(v, new) == "r2"}
+    both = {vin_filter(PREFIX, v) for v in vins if owner(v, old) == "r0"}
+    assert both
+    r0, r1 = RecordingSession(), RecordingSession()
+    for name, session in (("r0", r0), ("r1", r1)):
+        session.filters.update(both)
+        runtimes[name].coordinator.record_subscribed(name, sorted(both))
+    r0.crash_after_unsubscribe = True
+    with pytest.raises(SystemExit):
+        _sync(runtimes["r0"], "r0", new, vins).step(r0)
+    assert not r0.filters & both, "r0's UNSUBSCRIBE went out"
+
+    _sync(runtimes["r1"], "r1", old, vins).step(r1)
+
+    assert r1.filters >= both, "r1 kept every filter r0 was leaving"
+
+
+def test_a_filter_owned_again_while_leaving_is_subscribed_again(
+    runtimes: dict[str, ReplicaRuntime],
+) -> None:
+    vin = sorted(VINS)[0]
+    topic_filter = vin_filter(PREFIX, vin)
+    coordinator = runtimes["r0"].coordinator
+    coordinator.record_subscribed("r1", [topic_filter])
+    coordinator.record_subscribed("r0", [topic_filter])
+    assert coordinator.mark_leaving("r0", [topic_filter]) == [topic_filter]
+    # r0 died after its UNSUBSCRIBE; back with a member list on which it owns the VIN again.
+    session = RecordingSession()
+    _sync(runtimes["r0"], "r0", ["r0"], {vin}).step(session)
+    assert topic_filter in session.filters
+    assert coordinator.leaving("r0") == set()
+
+
+def test_every_replica_hashes_over_the_leaders_member_list(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'c.sqlite3'}"
+    new = ReplicaRuntime(
+        Coordinator.open(url, replica="r0", lease_s=10.0), heartbeat_s=1.0, members=["r0", "r1"]
+    )
+    old = ReplicaRuntime(
+        Coordinator.open(url, replica="r1", lease_s=10.0), heartbeat_s=1.0, members=["r1"]
+    )
+    try:
+        asyncio.run(old.follow_members())
+        assert old.members == ["r1"], "nothing published yet: its own list"
+        assert new.coordinator.try_lead()
+        new.role.leader = True
+        asyncio.run(new.follow_members())
+        asyncio.run(old.follow_members())
+        assert old.members == new.members == ["r0", "r1"]
+        assert old.configured_members == ["r1"]
+    finally:
+        new.coordinator.close()
+        old.coordinator.close()
