@@ -82,7 +82,9 @@ def test_a_leader_shut_down_while_hosting_hands_the_session_on_without_loss(
     assert report.exit_codes == [0, 0, 0]
 
 
-@pytest.mark.parametrize("r3", ["last", "first"])
+# r3 first is the order of a StatefulSet scale-up; r3 last is the bench's
+# (python -m bench.replicas_bench --scenario resize), to keep CI shorter.
+@pytest.mark.parametrize("r3", ["first"])
 def test_growing_from_three_to_four_members_loses_nothing_and_moves_every_vin(
     broker: MosquittoBroker, certs: CertBundle, tmp_path: Path, r3: str
 ) -> None:

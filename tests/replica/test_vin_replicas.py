@@ -41,7 +41,9 @@ def _group(broker: MosquittoBroker, certs: CertBundle, tmp_path: Path) -> Replic
     )
 
 
-@pytest.mark.parametrize("kill", ["follower", "leader", "follower-logged-unacked"])
+# A plain follower kill is the bench's (python -m bench.replicas_bench --mode vin): the crash
+# between log and PUBACK is the same loss with the harder ending, and keeps CI shorter.
+@pytest.mark.parametrize("kill", ["leader", "follower-logged-unacked"])
 def test_vin_sharded_replicas_write_every_message_once_and_host_a_killed_one(
     broker: MosquittoBroker, certs: CertBundle, tmp_path: Path, kill: Kill
 ) -> None:
