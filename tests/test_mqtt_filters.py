@@ -17,17 +17,10 @@ from ingest.mqtt import FILTERS_PER_PACKET, Delivery, FilterSession, MqttOptions
 from ingest.testing import CertBundle, MosquittoBroker, publish_lines
 from ingest.testing.broker import free_port
 from ingest.testing.proxy import FaultyProxy
+from tests.test_mqtt import wait_until
 
 DEADLINE_S = 15.0
 DYNAMIC_SECURITY_PLUGIN = Path("/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so")
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = DEADLINE_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.01)
 
 
 class Inbox:

@@ -26,6 +26,7 @@ from ingest.testing.certs import CertBundle
 from ingest.testing.daemon import APP_ID
 from ingest.testing.publish import Publisher
 from ingest.testing.traffic import Message, make_vin, stream
+from tests.test_mqtt import wait_until
 
 DEADLINE_S = 15.0
 CHANNEL = 7
@@ -33,14 +34,6 @@ PREFIX = f"live/level13/{APP_ID}"
 VINS = [make_vin(i) for i in range(5)]
 # What a VIN-sharded replica owning VINS subscribes: its VINs' V1 topics and the V2 topic.
 FILTERS = [*(f"{PREFIX}/{vin}/#" for vin in VINS), PREFIX]
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = DEADLINE_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.01)
 
 
 @pytest.fixture(params=["3.1.1", "5"])
