@@ -73,16 +73,7 @@ def _fill(records: list[LogRecord], decoder: Decoder) -> PendingBatch:
         for record, message, key in zip(chunk, decoded, keys, strict=True):
             batch.last_lsn = record.lsn
             batch.payload_bytes += len(record.payload)
-            if key in batch.seen:
-                batch.duplicates += 1
-                continue
-            batch.seen[key] = record.lsn
-            batch.seen_at_us[key] = record.received_at_us
-            if message.rejection is not None:
-                r = message.rejection
-                batch.add_rejection(record, r.reason, r.detail, r.message_id, r.vin)
-                continue
-            batch.add_rows(message)
+            batch.add(record, message, key)
     return batch
 
 

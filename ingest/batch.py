@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import time
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,11 @@ import pyarrow as pa
 from ingest.decode import Decoded
 from ingest.schemas import REJECTED, TELEMETRY, arrow_schema
 from ingest.wal import LogRecord
+
+# Rejection reason of a message whose VIN's clearance HM revoked, rejected or canceled.
+REJECTED_NOT_CLEARED = "not_cleared"
+# Returns a human-readable refusal when rows for this VIN must not enter telemetry/, else None.
+ClearanceGate = Callable[[str], str | None]
 
 # Rows per Arrow chunk: big enough that pa.array's per-call overhead vanishes, small enough that
 # the Python tuples waiting for conversion stay a few megabytes.
@@ -132,6 +137,40 @@ class PendingBatch:
     @property
     def records(self) -> int:
         return self.last_lsn - self.first_lsn + 1 if self.last_lsn else 0
+
+    def add(
+        self,
+        record: LogRecord,
+        decoded: Decoded,
+        key: str,
+        *,
+        repeat: bool = False,
+        gate: ClearanceGate | None = None,
+    ) -> None:
+        """Add one logged message under its dedupe ``key``.
+
+        A repeat (``repeat``: of an earlier batch; or a key this batch has already) is only
+        counted. A message the decoder rejected goes to ``rejected``, as does one whose VIN
+        ``gate`` refuses (returning why: not cleared); the rest becomes telemetry rows.
+        """
+        if repeat or key in self.seen:
+            self.duplicates += 1
+            return
+        self.seen[key] = record.lsn
+        self.seen_at_us[key] = record.received_at_us
+        rejection = decoded.rejection
+        if rejection is not None:
+            self.add_rejection(
+                record, rejection.reason, rejection.detail, rejection.message_id, rejection.vin
+            )
+            return
+        refusal = gate(decoded.vin) if gate is not None and decoded.vin else None
+        if refusal is not None:
+            self.add_rejection(
+                record, REJECTED_NOT_CLEARED, refusal, decoded.message_id, decoded.vin
+            )
+            return
+        self.add_rows(decoded)
 
     def add_rows(self, decoded: Decoded) -> None:
         self.telemetry.extend(decoded.rows)

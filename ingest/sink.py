@@ -26,13 +26,13 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import pyarrow as pa
 
-from ingest.batch import PendingBatch, dedupe_key
+from ingest.batch import ClearanceGate, PendingBatch, dedupe_key
 from ingest.checkpoint import Checkpoint, CheckpointStore
 from ingest.decode import Decoder
 from ingest.dedupe import DedupeIndex
@@ -50,10 +50,6 @@ REPLAY_CHUNK = 4096
 # The index holds days of ids; pruning it hourly keeps it bounded at negligible cost.
 PRUNE_EVERY_S = 3600.0
 FLUSH_RETRY_MAX_S = 30.0
-REJECTED_NOT_CLEARED = "not_cleared"
-
-# Returns a human-readable refusal when rows for this VIN must not enter telemetry/, else None.
-ClearanceGate = Callable[[str], str | None]
 
 
 class BatchTables(Protocol):
@@ -232,25 +228,9 @@ class Sink:
         keys = [dedupe_key(d, r) for d, r in zip(decoded, records, strict=True)]
         repeats = self._dedupe.duplicates(list(zip(keys, (r.lsn for r in records), strict=True)))
         for record, message, key in zip(records, decoded, keys, strict=True):
-            batch = self._open_batch(record)
-            if record.lsn in repeats or key in batch.seen:
-                batch.duplicates += 1
-                continue
-            batch.seen[key] = record.lsn
-            batch.seen_at_us[key] = record.received_at_us
-            if message.rejection is not None:
-                rejection = message.rejection
-                batch.add_rejection(
-                    record, rejection.reason, rejection.detail, rejection.message_id, rejection.vin
-                )
-                continue
-            refusal = self._gate(message.vin) if self._gate is not None and message.vin else None
-            if refusal is not None:
-                batch.add_rejection(
-                    record, REJECTED_NOT_CLEARED, refusal, message.message_id, message.vin
-                )
-                continue
-            batch.add_rows(message)
+            self._open_batch(record).add(
+                record, message, key, repeat=record.lsn in repeats, gate=self._gate
+            )
 
     def _open_batch(self, record: LogRecord) -> PendingBatch:
         """The batch ``record`` extends (a new one when none is open), checking contiguity."""

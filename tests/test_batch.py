@@ -35,17 +35,9 @@ def _fill(records: list[LogRecord], repeat_every: int) -> tuple[PendingBatch, li
             )
         decoded = decoder.decode(record.topic, record.payload, record.received_at_us)
         key = dedupe_key(decoded, record)
-        if key in batch.seen:
-            batch.duplicates += 1
-            continue
-        batch.seen[key] = record.lsn
-        batch.seen_at_us[key] = record.received_at_us
-        if decoded.rejection is not None:
-            r = decoded.rejection
-            batch.add_rejection(record, r.reason, r.detail, r.message_id, r.vin)
-            continue
-        batch.add_rows(decoded)
-        expected_rows.extend(decoded.rows)
+        if key not in batch.seen and decoded.rejection is None:
+            expected_rows.extend(decoded.rows)
+        batch.add(record, decoded, key)
     return batch, expected_rows
 
 
