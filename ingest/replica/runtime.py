@@ -164,9 +164,14 @@ class ReplicaRuntime:
         leader too) hashes over the published one."""
         if not self.configured_members:
             return
-        if self.role.leader:
-            await self._call(self.coordinator.publish_members, self.configured_members)
         published = await self._call(self.coordinator.published_members)
+        # A write only when the list changes, not one per heartbeat.
+        if (
+            self.role.leader
+            and published != self.configured_members
+            and await self._call(self.coordinator.publish_members, self.configured_members)
+        ):
+            published = self.configured_members
         if published is None or published == self.members:
             return
         log.warning(

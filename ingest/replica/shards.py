@@ -13,17 +13,28 @@ removing one member moves only the VINs that member wins or held (about 1/N of t
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import re
 from collections.abc import Iterable, Sequence
 
 # The unit of the V2 topic, which carries no VIN.
 APP_TOPIC_KEY = ""
+# What cannot stand in one topic level of a filter: a separator, a wildcard, NUL.
+_NOT_ONE_LEVEL = re.compile("[/+#\0]")
 
 
 def owner(key: str, members: Sequence[str]) -> str:
     """The member that subscribes ``key``'s topic: the highest hash of (member, key)."""
     if not members:
         raise ValueError("no members to assign to")
+    return _owner(key, tuple(members))
+
+
+# Every replica asks again for every VIN each heartbeat (and once per session it hosts): cached,
+# a step over 50,000 VINs costs lookups instead of 150,000 hashes (~300 ms).
+@functools.lru_cache(maxsize=1 << 18)
+def _owner(key: str, members: tuple[str, ...]) -> str:
     return max(members, key=lambda member: _weight(member, key))
 
 
@@ -45,10 +56,11 @@ def vin_filter(prefix: str, vin: str) -> str:
 
 def filters_of(member: str, members: Sequence[str], prefix: str, vins: Iterable[str]) -> set[str]:
     """The topic filters ``member`` subscribes for ``vins`` (plus the V2 topic if it is its)."""
+    group = tuple(members)
     owned = {
-        vin_filter(prefix, vin) for vin in vins if _usable(vin) and owner(vin, members) == member
+        vin_filter(prefix, vin) for vin in vins if _usable(vin) and owner(vin, group) == member
     }
-    if owner(APP_TOPIC_KEY, members) == member:
+    if owner(APP_TOPIC_KEY, group) == member:
         owned.add(prefix)
     return owned
 
@@ -56,7 +68,7 @@ def filters_of(member: str, members: Sequence[str], prefix: str, vins: Iterable[
 def _usable(vin: str) -> bool:
     # A VIN is one topic level; one with a wildcard or separator could not be subscribed alone
     # (the clearance API would not have accepted it: this is belt and braces).
-    return bool(vin) and not any(c in vin for c in "/+#\0")
+    return bool(vin) and _NOT_ONE_LEVEL.search(vin) is None
 
 
 def unit_of(prefix: str, topic_filter: str) -> str:

@@ -23,22 +23,15 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 from ingest.errors import ConfigError
 from ingest.fleet.desired import load_desired_fleet
+from ingest.mqtt import FilterSession
 from ingest.replica.coordination import Coordinator
 from ingest.replica.runtime import ReplicaRuntime
 from ingest.replica.shards import filters_of, vin_filter
 
 log = logging.getLogger("ingest.replica.subscriptions")
-
-
-class Subscriber(Protocol):
-    """A session whose subscriptions can change while it runs (blocking until acknowledged)."""
-
-    def subscribe(self, filters: Sequence[str], timeout_s: float = ...) -> None: ...
-    def unsubscribe(self, filters: Sequence[str], timeout_s: float = ...) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +97,7 @@ class SubscriptionSync:
     def desired(self) -> set[str]:
         return filters_of(self.member, self._members(), self._prefix, self._vins())
 
-    def step(self, session: Subscriber) -> SyncReport:
+    def step(self, session: FilterSession) -> SyncReport:
         """One reconciliation of ``session``'s subscriptions (blocking: run it in a thread).
 
         Raises BrokerError when the session cannot subscribe now (the next step retries), or

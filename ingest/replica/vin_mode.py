@@ -20,10 +20,11 @@ from dataclasses import dataclass
 
 from ingest.errors import BrokerError, IngestError
 from ingest.metrics import Metrics
+from ingest.mqtt import FilterSession
 from ingest.replica.coordination import CoordinationError
 from ingest.replica.host import SessionHost
 from ingest.replica.runtime import ReplicaRuntime
-from ingest.replica.subscriptions import Subscriber, SubscriptionSync
+from ingest.replica.subscriptions import SubscriptionSync
 
 log = logging.getLogger("ingest.replica.vin_mode")
 
@@ -55,7 +56,7 @@ class VinSharding:
         )
 
     async def keep_subscriptions(
-        self, sync: SubscriptionSync, session: Subscriber, stop: asyncio.Event
+        self, sync: SubscriptionSync, session: FilterSession, stop: asyncio.Event
     ) -> None:
         """Reconcile our own session's subscriptions every ``interval_s`` until ``stop``."""
         while not stop.is_set():
