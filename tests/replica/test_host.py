@@ -8,6 +8,7 @@ and leave the session on the broker for the replica.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import queue
 import threading
@@ -224,7 +225,10 @@ def test_keys_that_cannot_be_recorded_end_hosting_and_nothing_is_acknowledged(
 
     host = hosts(options, intake, record_keys)
     host.start()
-    host.wait_connected(DEADLINE_S)
+    # The first key can fail before this thread sees the subscription complete: hosting has
+    # then already ended, and wait_connected says so. Either way, the assertions below hold.
+    with contextlib.suppress(BrokerError):
+        host.wait_connected(DEADLINE_S)
     wait_until(lambda: host.ended is not None, "hosting to end")
     assert "recording" in str(host.ended)
     assert "coordination database unreachable" in str(host.ended)
