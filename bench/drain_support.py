@@ -1,6 +1,7 @@
 """The pieces of drain_bench.py: the backlog, its preload, and the three consumers it times.
 
-Every consumer runs as its own process so that its CPU seconds and peak RSS are its own:
+Every consumer runs as its own process (the daemon with its sink process, if it runs one) so
+that its CPU seconds and peak RSS are its own:
 ``mosquitto_sub`` (C, the machine's limit), ``bench/bare_paho.py`` (paho, auto-ack, no work) and
 ``hm-ingest run`` (log + fsync, ordered PUBACKs, decode, dedupe, Parquet committed).
 """
@@ -114,7 +115,26 @@ def preload(broker: MosquittoBroker, certs: CertBundle, backlog: Backlog) -> flo
     return time.perf_counter() - started
 
 
-def peak_rss(pid: int) -> int:
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (the sink process, with ``[ingest] sink = "process"``)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        parents.setdefault(ppid, []).append(int(entry.name))
+    tree, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        tree.append(current)
+        pending.extend(parents.get(current, []))
+    return tree
+
+
+def _hwm(pid: int) -> int:
     """VmHWM of a live process (reset at exec, unlike wait4's ru_maxrss), 0 once it is gone."""
     try:
         text = Path(f"/proc/{pid}/status").read_text()
@@ -126,22 +146,32 @@ def peak_rss(pid: int) -> int:
     return 0
 
 
+def _cpu_s(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss(pid: int) -> int:
+    """Peak RSS of ``pid`` and its descendants: the sum of each one's VmHWM, an upper bound
+    (they need not peak at the same moment)."""
+    return sum(_hwm(member) for member in process_tree(pid))
+
+
 def proc_stats(pid: int) -> tuple[float, int]:
-    """(CPU seconds, peak RSS bytes) of a live process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    cpu = (int(fields[11]) + int(fields[12])) / ticks
-    peak = 0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            peak = int(line.split()[1]) * 1024
-    return cpu, peak
+    """(CPU seconds, peak RSS bytes) of a live process and its descendants, from /proc."""
+    tree = process_tree(pid)
+    return sum(_cpu_s(member) for member in tree), sum(_hwm(member) for member in tree)
 
 
 def _wait_measured(proc: subprocess.Popen[bytes]) -> tuple[int, float, int]:
     """(exit status, CPU seconds, peak RSS bytes) of a child, polling its VmHWM until it ends.
 
     Not wait4's ru_maxrss: that counts the memory of this (forked) process before the exec.
+    wait4's CPU times include the child's own children that it waited for (the daemon waits
+    for its sink process).
     """
     peak = 0
     while True:
@@ -237,7 +267,12 @@ class BenchDaemon:
         overrides: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         work.mkdir(parents=True, exist_ok=True)
-        merged: dict[str, dict[str, Any]] = {"output": {"flush_age_s": 1.0}}
+        # The product's default sink placement ("auto"), not the tests' (daemon_config pins
+        # a thread); --set ingest.sink=thread|process picks one.
+        merged: dict[str, dict[str, Any]] = {
+            "output": {"flush_age_s": 1.0},
+            "ingest": {"sink": "auto"},
+        }
         for section, values in (overrides or {}).items():
             merged.setdefault(section, {}).update(values)
         self.work = work

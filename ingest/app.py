@@ -5,7 +5,7 @@
     paho thread ──submit──▶ intake thread ──append+fsync──▶ write-ahead log
                                │  PUBACK in receipt order
                                └──records──▶ sink thread ──▶ Parquet telemetry/ rejected/
-                                                  │           dedupe index, checkpoint
+                                              (or process)     dedupe index, checkpoint
                                                   └──release──▶ log segments deleted
     event loop: HTTP (/metrics /healthz /readyz /webhook), heartbeat, fleet control loop
 
@@ -24,17 +24,13 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from ingest.checkpoint import CheckpointStore
 from ingest.config import Settings
 from ingest.control import FleetControl
-from ingest.decode import Decoder
-from ingest.dedupe import DedupeIndex
 from ingest.fleet.reconcile import SubscribedGate
 from ingest.health import HEARTBEAT_S, HealthState, stale
 from ingest.http import build_app, serve
@@ -48,109 +44,22 @@ from ingest.mqtt import (
     is_connection_loss,
 )
 from ingest.mqtt_native import make_session
-from ingest.parquet import PartitionedWriter
+from ingest.pipeline import Pipeline, open_pipeline
 from ingest.replica.adopt import KeyOf, SessionAdopter, message_key_function
 from ingest.replica.host import SessionHost
 from ingest.replica.runtime import ReplicaRuntime, open_replica_runtime
 from ingest.replica.shards import topic_prefix
 from ingest.replica.subscriptions import DesiredVins, SubscriptionSync, subscribed_vins
 from ingest.replica.vin_mode import VinSharding
-from ingest.schemas import REJECTED, TELEMETRY
 from ingest.session_options import adopted_session_options, mqtt_options, subscription_topic
-from ingest.sink import FlushPolicy, Sink
-from ingest.storage import OutputStore
+from ingest.sink import Sink
+from ingest.sink_process import SinkProcess
 from ingest.threads import run_in_thread
 from ingest.volumes import refresh as refresh_volumes
 from ingest.volumes import watched_volumes
-from ingest.wal import Durability, WriteAheadLog
 from ingest.webhook import ClearanceChange, WebhookReceiver
 
 log = logging.getLogger("ingest.app")
-
-
-@dataclass
-class Pipeline:
-    """The storage half of the daemon: log, sink and their state, opened and replayed."""
-
-    wal: WriteAheadLog
-    sink: Sink
-    dedupe: DedupeIndex
-
-    def close(self) -> None:
-        self.sink.close()  # releases the Iceberg catalog's connections, if any
-        self.dedupe.close()
-        self.wal.close()
-
-
-def open_pipeline(
-    settings: Settings,
-    metrics: Metrics,
-    *,
-    before_replay: Callable[[DedupeIndex], object] | None = None,
-) -> Pipeline:
-    """Open the log and state, and replay whatever the last run logged but did not commit.
-
-    ``before_replay`` sees the dedupe index first (a replica marks what others adopted from it).
-    """
-    state_dir = settings.state.path
-    state_dir.mkdir(parents=True, exist_ok=True)
-    # A local folder or an object store (s3://...), same layout either way.
-    output = OutputStore.open(settings.output.path)
-    if output.local_root is not None:
-        output.local_root.mkdir(parents=True, exist_ok=True)
-    checkpoints = CheckpointStore(state_dir / "checkpoint.json")
-    checkpoint = checkpoints.load()
-    wal = WriteAheadLog.open(
-        state_dir / "log",
-        segment_bytes=settings.state.log_segment_bytes,
-        durability=Durability(settings.state.durability.value),
-        min_next_lsn=checkpoint.committed_lsn + 1,
-    )
-    dedupe = DedupeIndex(
-        state_dir / "dedupe.sqlite3", retention_s=settings.state.dedupe_retention_s
-    )
-    level = settings.output.compression_level
-    tables = None
-    if settings.iceberg.enabled:
-        # Imported only when wanted: pyiceberg is an optional extra.
-        from ingest.iceberg import open_tables  # noqa: PLC0415
-
-        tables = open_tables(settings)
-    sink = Sink(
-        wal=wal,
-        checkpoints=checkpoints,
-        dedupe=dedupe,
-        # With replicas, each one's LSNs are its own: its id in the file names keeps them apart.
-        telemetry=PartitionedWriter(
-            output,
-            "telemetry",
-            schema_name=TELEMETRY,
-            compression_level=level,
-            replica=settings.replica.id,
-        ),
-        rejected=PartitionedWriter(
-            output,
-            "rejected",
-            schema_name=REJECTED,
-            compression_level=level,
-            replica=settings.replica.id,
-        ),
-        decoder=Decoder(
-            app_id=settings.mqtt.app_id or None,
-            max_payload_bytes=settings.ingest.max_payload_bytes,
-        ),
-        policy=FlushPolicy(
-            max_rows=settings.output.flush_rows,
-            max_bytes=settings.output.flush_bytes,
-            max_age_s=settings.output.flush_age_s,
-        ),
-        metrics=metrics,
-        tables=tables,
-    )
-    if before_replay is not None:
-        before_replay(dedupe)
-    sink.replay(checkpoint)
-    return Pipeline(wal=wal, sink=sink, dedupe=dedupe)
 
 
 class Daemon:
@@ -212,7 +121,7 @@ class Daemon:
             # Set after the start-up replay: replayed records were received before this run and
             # are judged by the clearance state known now only from here on (either is correct:
             # none of them was committed before).
-            pipeline.sink.set_gate(self.control.gate)
+            pipeline.sink.set_clearances(self.control.store)
         try:
             return await self._run_live(pipeline)
         finally:
@@ -301,7 +210,7 @@ class Daemon:
     async def _supervise(
         self,
         intake: Intake,
-        sink: Sink,
+        sink: Sink | SinkProcess,
         session: ReceiveSession,
         intake_stop: threading.Event,
         sink_stop: threading.Event,
@@ -525,7 +434,9 @@ class Daemon:
             await asyncio.to_thread(refresh_volumes, self.metrics.volume_available, volumes)
             await asyncio.sleep(HEARTBEAT_S)
 
-    def _register_probes(self, intake: Intake, sink: Sink, session: ReceiveSession) -> None:
+    def _register_probes(
+        self, intake: Intake, sink: Sink | SinkProcess, session: ReceiveSession
+    ) -> None:
         self.health.liveness["intake"] = lambda: stale("intake thread", intake.heartbeat)
         self.health.liveness["sink"] = lambda: stale("sink thread", sink.heartbeat)
         self.health.readiness["mqtt"] = lambda: (

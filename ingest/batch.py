@@ -17,7 +17,7 @@ import time
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import pyarrow as pa
 
@@ -29,6 +29,18 @@ from ingest.wal import LogRecord
 REJECTED_NOT_CLEARED = "not_cleared"
 # Returns a human-readable refusal when rows for this VIN must not enter telemetry/, else None.
 ClearanceGate = Callable[[str], str | None]
+
+
+class Clearances(Protocol):
+    """What the sink judges VINs by (:class:`ingest.fleet.store.ClearanceStateStore`)."""
+
+    def refusal(self, vin: str) -> str | None:
+        """Why rows of ``vin`` must not go to telemetry/ (None: let them through)."""
+
+    @property
+    def refused_vins(self) -> frozenset[str]:
+        """The VINs refused now: an immutable snapshot, replaced (not mutated) on each change."""
+
 
 # Rows per Arrow chunk: big enough that pa.array's per-call overhead vanishes, small enough that
 # the Python tuples waiting for conversion stay a few megabytes.

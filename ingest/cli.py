@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from ingest import __version__, compact, fleet_cli
+from ingest import __version__, compact, fleet_cli, gc_tuning
 from ingest.app import run_daemon
 from ingest.config import Settings, load_settings
 from ingest.demo import cli as demo_cli
@@ -135,6 +135,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # C library's returns it, which took the 1M-message drain from 343 to 282 MB peak RSS at equal
     # throughput (bench/batch_memory.py, bench/drain_bench.py).
     pa.set_memory_pool(pa.system_memory_pool())
+    gc_tuning.tune()  # after the imports and the checks: see ingest.gc_tuning
     return asyncio.run(main())
 
 

@@ -27,11 +27,14 @@ from pydantic import (
     model_validator,
 )
 
+from ingest.cpus import usable_cpus
 from ingest.errors import ConfigError
 from ingest.storage.location import is_uri, parse_output_path
 
 ENV_PREFIX = "HM_INGEST_"
 MIB = 1024 * 1024
+# [ingest] sink = "auto" runs the sink in a process of its own from this many usable CPUs on.
+MIN_CPUS_FOR_SINK_PROCESS = 2.0
 
 
 class _Section(BaseModel):
@@ -118,6 +121,18 @@ class StateSettings(_Section):
 
 class IngestSettings(_Section):
     max_payload_bytes: int = Field(1 * MIB, ge=1024)
+    # Where decode, dedupe and Parquet run: a thread of the daemon, or a process of its own
+    # (ingest.sink_process), which takes that work off the daemon's GIL and onto another core.
+    # auto: the process where this process may use 2 CPUs or more (see sink_mode).
+    sink: Literal["auto", "thread", "process"] = "auto"
+
+    @property
+    def sink_mode(self) -> Literal["thread", "process"]:
+        """Where the sink runs. ``auto``: a process when at least two CPUs are usable (affinity
+        and container quota): with one, a second process only adds its memory and the pipe."""
+        if self.sink == "auto":
+            return "process" if usable_cpus() >= MIN_CPUS_FOR_SINK_PROCESS else "thread"
+        return self.sink
 
 
 class MetricsSettings(_Section):

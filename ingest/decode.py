@@ -38,7 +38,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import date
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import orjson
 
@@ -148,9 +148,11 @@ class Rejection:
     vin: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class Decoded:
-    """The outcome of one message: ``rows`` (in :data:`COLUMNS` order) or a ``rejection``."""
+class Decoded(NamedTuple):
+    """The outcome of one message: ``rows`` (in :data:`COLUMNS` order) or a ``rejection``.
+
+    A NamedTuple: one is built per message, at about half the cost of a frozen dataclass.
+    """
 
     message_id: str | None
     vin: str | None

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from ingest.errors import LogError
 from ingest.metrics import Metrics
 from ingest.mqtt import Delivery
-from ingest.wal import HEADER, LogRecord, WriteAheadLog
+from ingest.wal import HEADER, WriteAheadLog
 
 log = logging.getLogger("ingest.intake")
 
@@ -83,15 +83,17 @@ class Intake:
         wal: WriteAheadLog,
         *,
         ack: Callable[[Delivery], bool],
-        deliver: Callable[[list[LogRecord]], None],
+        deliver: Callable[[int, list[tuple[int, str, bytes]]], None],
         limits: IntakeLimits,
         metrics: Metrics,
         committed_lsn: Callable[[], int],
         sink_backlog: Callable[[], int] | None = None,
         now_us: Callable[[], int] = lambda: time.time_ns() // 1000,
     ) -> None:
-        """``committed_lsn`` reads the sink's last committed LSN, ``sink_backlog`` how many
-        delivered groups the sink has not taken yet (both may be called from any thread)."""
+        """``deliver(first_lsn, entries)`` hands each logged group to the sink (records
+        ``first_lsn``, ``first_lsn + 1``, ...: ``(received_at_us, topic, payload)`` each);
+        ``committed_lsn`` reads the sink's last committed LSN, ``sink_backlog`` how many delivered
+        groups the sink has not taken yet (both may be called from any thread)."""
         self._wal = wal
         self._ack = ack
         self._deliver = deliver
@@ -190,12 +192,8 @@ class Intake:
                 sent += 1
         self._metrics.messages_acked.inc(sent)
         self._metrics.messages_unacked.dec(len(group))
-        self._deliver(
-            [
-                LogRecord(first_lsn + offset, received_at, topic, payload)
-                for offset, (received_at, topic, payload) in enumerate(entries)
-            ]
-        )
+        # As plain tuples: the sink builds its records on its own thread (or process).
+        self._deliver(first_lsn, entries)
         self._metrics.log_bytes.set(self._wal.size_bytes)
         self._metrics.log_segments.set(self._wal.segment_count)
         return True

@@ -7,7 +7,8 @@ Commit protocol for one batch of records ``[first, last]`` (see :mod:`ingest.che
     tables.append(first, last, files)  optional (ingest.iceberg): one snapshot per table
     dedupe.record(keys)                message ids remembered with the lsn that first wrote them
     checkpoint.commit(last)            the batch is done
-    wal.release_through(last)          segments wholly at or below ``last`` are deleted
+    events.committed(report)           the log's owner deletes segments wholly at or below
+                                       ``last`` (SinkMetrics); metrics count the batch
 
 A crash anywhere in there leaves either no intent (nothing was written: replay batches freely) or
 an intent, which start-up replays as exactly the same range; the replay first removes whatever
@@ -18,6 +19,11 @@ With table appends (Iceberg), a replayed intent first asks each table whether th
 attempt's append landed. Where it did, that table's files are left as they are (they are complete,
 and the table references them: removing and rewriting them would pull them out from under readers)
 and not appended again; the other tables' files are rewritten and appended as usual.
+
+The sink never touches the log itself: records come in through :meth:`Sink.submit` (and
+:meth:`Sink.replay`), and what follows a commit goes out through :class:`SinkEvents`. So the same
+class runs on a thread of the daemon (``[ingest] sink = "thread"``) or in a process of its own
+(``"process"``, :mod:`ingest.sink_process`), where the events travel back over a pipe.
 """
 
 from __future__ import annotations
@@ -26,13 +32,13 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import pyarrow as pa
 
-from ingest.batch import ClearanceGate, PendingBatch, dedupe_key
+from ingest.batch import Clearances, PendingBatch, dedupe_key
 from ingest.checkpoint import Checkpoint, CheckpointStore
 from ingest.decode import Decoder
 from ingest.dedupe import DedupeIndex
@@ -41,6 +47,11 @@ from ingest.metrics import Metrics
 from ingest.parquet import PartitionedWriter, WrittenFile
 from ingest.testing import faultpoints
 from ingest.wal import LogRecord, WriteAheadLog
+
+# What intake hands over per logged group: its first lsn and (received_at_us, topic, payload)
+# of each record, in lsn order. Plain tuples: cheap to build on the intake thread and to pickle
+# to a sink process.
+LoggedGroup = tuple[int, list[tuple[int, str, bytes]]]
 
 log = logging.getLogger("ingest.sink")
 
@@ -68,6 +79,78 @@ class BatchTables(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class CommitReport:
+    """What one committed batch wrote: enough for metrics and for releasing the log."""
+
+    first_lsn: int
+    last_lsn: int
+    files: tuple[tuple[str, int, int], ...]  # (table, rows, bytes) of each file written
+    rejected_by_reason: Mapping[str, int]
+    duplicates: int
+    unknown_properties: int
+    duration_s: float
+
+
+class SinkEvents(Protocol):
+    """What the sink reports. Called on the sink's thread; must not raise."""
+
+    def committed(self, report: CommitReport) -> None:
+        """A batch is committed: its log records may be released."""
+
+    def flush_failed(self) -> None:
+        """A commit attempt failed and will be retried."""
+
+    def took_group(self) -> None:
+        """The sink took one submitted group off its queue."""
+
+    def oldest_uncommitted(self, age_s: float) -> None:
+        """Age of the oldest record received and not committed yet (0: none)."""
+
+
+class SinkMetrics:
+    """:class:`SinkEvents` in the daemon: count in Prometheus, release the log after commits."""
+
+    def __init__(self, metrics: Metrics, wal: WriteAheadLog) -> None:
+        self._metrics = metrics
+        self._wal = wal
+
+    def committed(self, report: CommitReport) -> None:
+        # The batch is committed: a failure here must not fail it (the retry would begin() a
+        # batch at or below committed_lsn). What is not released now is after the next commit.
+        try:
+            self._wal.release_through(report.last_lsn)
+        except IngestError as exc:
+            log.warning(
+                "after committing lsn %d..%d: %s; retried after the next commit",
+                report.first_lsn,
+                report.last_lsn,
+                exc,
+            )
+        metrics = self._metrics
+        for table, rows, size in report.files:
+            metrics.rows_written.labels(table).inc(rows)
+            metrics.files_committed.labels(table).inc()
+            metrics.bytes_written.labels(table).inc(size)
+        for reason, count in report.rejected_by_reason.items():
+            metrics.messages_rejected.labels(reason).inc(count)
+        metrics.duplicates.inc(report.duplicates)
+        metrics.unknown_properties.inc(report.unknown_properties)
+        metrics.last_commit_time.set(time.time())
+        metrics.log_bytes.set(self._wal.size_bytes)
+        metrics.log_segments.set(self._wal.segment_count)
+        metrics.flush_duration.observe(report.duration_s)
+
+    def flush_failed(self) -> None:
+        self._metrics.flush_failures.inc()
+
+    def took_group(self) -> None:
+        pass  # the thread sink's queue depth is read directly (Sink.queued_groups)
+
+    def oldest_uncommitted(self, age_s: float) -> None:
+        self._metrics.log_oldest_uncommitted_age.set(age_s)
+
+
+@dataclass(frozen=True, slots=True)
 class FlushPolicy:
     max_rows: int
     max_bytes: int
@@ -80,36 +163,34 @@ class Sink:
     def __init__(
         self,
         *,
-        wal: WriteAheadLog,
         checkpoints: CheckpointStore,
         dedupe: DedupeIndex,
         telemetry: PartitionedWriter,
         rejected: PartitionedWriter,
         decoder: Decoder,
         policy: FlushPolicy,
-        metrics: Metrics,
-        gate: ClearanceGate | None = None,
+        events: SinkEvents,
         tables: BatchTables | None = None,
     ) -> None:
-        self._wal = wal
         self._checkpoints = checkpoints
         self._dedupe = dedupe
         self._telemetry = telemetry
         self._rejected = rejected
         self._decoder = decoder
         self._policy = policy
-        self._metrics = metrics
-        self._gate = gate
+        self._events = events
+        self._clearances: Clearances | None = None
         self._tables = tables
-        self._queue: queue.SimpleQueue[list[LogRecord]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[LoggedGroup] = queue.SimpleQueue()
         self._batch: PendingBatch | None = None
         self.committed_lsn = 0
         self.heartbeat = time.monotonic()
         self.last_error: str | None = None
         self._last_prune = 0.0
 
-    def set_gate(self, gate: ClearanceGate | None) -> None:
-        self._gate = gate
+    def set_clearances(self, clearances: Clearances | None) -> None:
+        """Judge each message's VIN by ``clearances`` from now on (None: let every VIN through)."""
+        self._clearances = clearances
 
     def close(self) -> None:
         """Release what the sink holds open besides the log and index (the tables' catalog)."""
@@ -117,8 +198,9 @@ class Sink:
             self._tables.close()
 
     # -- start-up ---------------------------------------------------------------------------------
-    def replay(self, checkpoint: Checkpoint) -> int:
-        """Re-process every logged record after the checkpoint, before live traffic starts.
+    def replay(self, checkpoint: Checkpoint, records: Iterable[LogRecord]) -> int:
+        """Re-process ``records`` (the log from ``checkpoint.committed_lsn + 1`` on), before live
+        traffic starts.
 
         A pending intent is replayed as exactly its range and committed; later records start the
         next batch, which then continues with live traffic. Returns the number of records replayed.
@@ -131,7 +213,7 @@ class Sink:
         replayed = 0
         pending = checkpoint.pending
         chunk: list[LogRecord] = []
-        for record in self._wal.read_from(checkpoint.committed_lsn + 1):
+        for record in records:
             if not replayed and record.lsn != checkpoint.committed_lsn + 1:
                 # LSNs are consecutive from the checkpoint on: a gap means logged (and so
                 # acknowledged) records are gone. Replaying from here would lose them silently.
@@ -161,14 +243,18 @@ class Sink:
                 f"log ends before it; the log folder was truncated or replaced",
                 retriable=False,
             )
-        self._metrics.replayed.inc(replayed)
         if replayed:
             log.info("replayed %d logged record(s) after lsn %d", replayed, self.committed_lsn)
         return replayed
 
+    def commit_pending(self) -> None:
+        """Commit the batch replay left open (a sink handing over to another one, say)."""
+        self._flush_until_done(replaying_intent=False, stop=None)
+
     # -- intake thread ----------------------------------------------------------------------------
-    def submit(self, records: list[LogRecord]) -> None:
-        self._queue.put(records)
+    def submit(self, first_lsn: int, entries: list[tuple[int, str, bytes]]) -> None:
+        """Hand over one logged group: records ``first_lsn``, ``first_lsn + 1``, ... in order."""
+        self._queue.put((first_lsn, entries))
 
     @property
     def queued_groups(self) -> int:
@@ -181,12 +267,18 @@ class Sink:
         while True:
             self.heartbeat = time.monotonic()
             try:
-                records = self._queue.get(timeout=POLL_S)
+                first_lsn, entries = self._queue.get(timeout=POLL_S)
             except queue.Empty:
                 if stop.is_set():
                     self._flush_until_done(replaying_intent=False, stop=None)
                     return
                 records = []
+            else:
+                self._events.took_group()
+                records = [
+                    LogRecord(first_lsn + offset, received_at_us, topic, payload)
+                    for offset, (received_at_us, topic, payload) in enumerate(entries)
+                ]
             self._add_chunk(records)
             if self._due():
                 self._flush_until_done(replaying_intent=False, stop=stop)
@@ -213,7 +305,7 @@ class Sink:
         age = 0.0
         if batch is not None:
             age = max(0.0, time.time() - batch.oldest_received_us / 1e6)
-        self._metrics.log_oldest_uncommitted_age.set(age)
+        self._events.oldest_uncommitted(age)
 
     def _add_chunk(self, records: list[LogRecord]) -> None:
         """Decode ``records`` and add them to the pending batch, dropping repeated messages.
@@ -227,9 +319,11 @@ class Sink:
         decoded = [decode(r.topic, r.payload, r.received_at_us) for r in records]
         keys = [dedupe_key(d, r) for d, r in zip(decoded, records, strict=True)]
         repeats = self._dedupe.duplicates(list(zip(keys, (r.lsn for r in records), strict=True)))
+        clearances = self._clearances
+        gate = clearances.refusal if clearances is not None else None
         for record, message, key in zip(records, decoded, keys, strict=True):
             self._open_batch(record).add(
-                record, message, key, repeat=record.lsn in repeats, gate=self._gate
+                record, message, key, repeat=record.lsn in repeats, gate=gate
             )
 
     def _open_batch(self, record: LogRecord) -> PendingBatch:
@@ -265,7 +359,7 @@ class Sink:
                 if not exc.retriable:
                     raise
                 self.last_error = str(exc)
-                self._metrics.flush_failures.inc()
+                self._events.flush_failed()
                 log.warning(
                     "flush of lsn %d..%d failed, retrying in %.1f s: %s",
                     batch.first_lsn,
@@ -326,13 +420,21 @@ class Sink:
         # a batch at or below committed_lsn. What is not done now is done after the next commit.
         try:
             self._prune_dedupe_index()
-            self._wal.release_through(last)
         except IngestError as exc:
             log.warning(
                 "after committing lsn %d..%d: %s; retried after the next commit", first, last, exc
             )
-        self._account(batch, written)
-        self._metrics.flush_duration.observe(time.perf_counter() - started)
+        self._events.committed(
+            CommitReport(
+                first_lsn=first,
+                last_lsn=last,
+                files=tuple((writer_table(file), file.rows, file.bytes) for file in written),
+                rejected_by_reason=dict(batch.rejected_by_reason),
+                duplicates=batch.duplicates,
+                unknown_properties=batch.unknown_properties,
+                duration_s=time.perf_counter() - started,
+            )
+        )
 
     def _prune_dedupe_index(self) -> None:
         """Forget message ids past the retention, at most every PRUNE_EVERY_S.
@@ -370,17 +472,7 @@ class Sink:
             if writer.table not in keep:
                 writer.remove_batch(first, last)  # local folder or object store alike
 
-    def _account(self, batch: PendingBatch, written: list[WrittenFile]) -> None:
-        metrics = self._metrics
-        for file in written:
-            table = file.path.parent.parent.name
-            metrics.rows_written.labels(table).inc(file.rows)
-            metrics.files_committed.labels(table).inc()
-            metrics.bytes_written.labels(table).inc(file.bytes)
-        for reason, count in batch.rejected_by_reason.items():
-            metrics.messages_rejected.labels(reason).inc(count)
-        metrics.duplicates.inc(batch.duplicates)
-        metrics.unknown_properties.inc(batch.unknown_properties)
-        metrics.last_commit_time.set(time.time())
-        metrics.log_bytes.set(self._wal.size_bytes)
-        metrics.log_segments.set(self._wal.segment_count)
+
+def writer_table(file: WrittenFile) -> str:
+    """The table a written file belongs to (``<root>/<table>/date=.../part-...``)."""
+    return file.path.parent.parent.name

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO, Self
+from typing import BinaryIO, NamedTuple, Self
 
 from ingest.errors import LogCorruptError, LogError
 from ingest.testing import faultpoints
@@ -88,9 +88,11 @@ class Durability(StrEnum):
     WRITE = "write"  # survives a process crash, not a power loss
 
 
-@dataclass(frozen=True, slots=True)
-class LogRecord:
-    """One logged message. ``lsn`` increases by one per record and is never reused."""
+class LogRecord(NamedTuple):
+    """One logged message. ``lsn`` increases by one per record and is never reused.
+
+    A NamedTuple: the sink builds one per message, at about half the cost of a frozen dataclass.
+    """
 
     lsn: int
     received_at_us: int

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from prometheus_client import CollectorRegistry
 
 from ingest.app import Daemon
@@ -39,9 +40,11 @@ async def _until(condition: Any, what: str, timeout_s: float = 30.0) -> None:
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.parametrize("sink", ["thread", "process"])
 async def test_rows_of_rejected_and_revoked_vins_are_quarantined_as_not_cleared(
-    broker: MosquittoBroker, certs: CertBundle, tmp_path: Path
+    broker: MosquittoBroker, certs: CertBundle, tmp_path: Path, sink: str
 ) -> None:
+    """With ``sink = "process"`` the refused VINs travel to the sink process with the records."""
     fleet_file = tmp_path / "fleet.csv"
     fleet_file.write_text(f"vin,brand\n{KEPT},sandbox\n{REVOKED},sandbox\n{REFUSED},sandbox\n")
     clock = ManualClock(start=float(int(time.time())))
@@ -67,6 +70,7 @@ async def test_rows_of_rejected_and_revoked_vins_are_quarantined_as_not_cleared(
                 # A long interval: after the first cycle only webhooks drive the daemon's state.
                 "fleet": {"enabled": True, "file": str(fleet_file), "interval_s": 3600.0},
                 "webhook": {"secret": info["webhook_secret"]},
+                "ingest": {"sink": sink},
             },
         )
         settings = Settings.model_validate(tree)

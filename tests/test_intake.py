@@ -43,7 +43,7 @@ class Harness:
         self.intake = Intake(
             wal,
             ack=self._ack,
-            deliver=self.delivered.extend,
+            deliver=self._deliver,
             limits=limits or IntakeLimits(max_log_bytes=CAP),
             metrics=self.metrics,
             committed_lsn=lambda: self.committed,
@@ -55,6 +55,11 @@ class Harness:
     def _ack(self, delivery: Delivery) -> bool:
         self.acked.append(delivery)
         return True
+
+    def _deliver(self, first_lsn: int, entries: list[tuple[int, str, bytes]]) -> None:
+        self.delivered.extend(
+            LogRecord(first_lsn + offset, *entry) for offset, entry in enumerate(entries)
+        )
 
     def submit(self, count: int) -> None:
         for _ in range(count):
@@ -169,7 +174,7 @@ def test_logging_waits_while_the_sink_has_a_queue(wal: WriteAheadLog) -> None:
     h.intake = Intake(
         wal,
         ack=h._ack,
-        deliver=h.delivered.extend,
+        deliver=h._deliver,
         limits=IntakeLimits(max_log_bytes=1 << 30),
         metrics=h.metrics,
         committed_lsn=lambda: h.committed,

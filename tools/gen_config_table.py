@@ -114,6 +114,12 @@ MEANINGS: dict[str, str] = {
     "ingest.max_payload_bytes": (
         "Payloads longer than this are not parsed but quarantined (`payload_too_large`)."
     ),
+    "ingest.sink": (
+        "Where decode, dedupe and Parquet commits run: `thread` (in the daemon's process) or "
+        "`process` (a second process, on another core; see Performance); `auto` picks the "
+        "process where at least 2 CPUs are usable (affinity and container CPU limit). Same "
+        "commit protocol and state either way."
+    ),
     "metrics.listen": "HOST:PORT of the HTTP server for `/metrics`, `/healthz` and `/readyz`.",
     "shutdown.deadline_s": (
         "On SIGTERM/SIGINT, the time allowed to log, acknowledge and commit what is held; "

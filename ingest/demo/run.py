@@ -216,7 +216,8 @@ class Demo:
             certs,
             self.out,
             client_id=CLIENT_ID,
-            overrides={"output": {"flush_age_s": FLUSH_AGE_S}},
+            # The product's default sink placement, not the tests' (daemon_config pins a thread).
+            overrides={"output": {"flush_age_s": FLUSH_AGE_S}, "ingest": {"sink": "auto"}},
         )
         listen = tree["metrics"]["listen"]
         info = self.emulator.start(

@@ -197,6 +197,11 @@ class ClearanceStateStore:
         """``"not_cleared"`` when HM last said revoked, rejected or canceled; otherwise None."""
         return NOT_CLEARED if vin in self._refused else None
 
+    @property
+    def refused_vins(self) -> frozenset[str]:
+        """The VINs :meth:`refusal` refuses now (swapped, never mutated: compare by identity)."""
+        return self._refused
+
     # -- reads -------------------------------------------------------------------------------
 
     def statuses(self) -> dict[str, str]:

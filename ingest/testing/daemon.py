@@ -45,6 +45,10 @@ def daemon_config(
         "state": {"path": str(workdir / "state")},
         "metrics": {"listen": f"127.0.0.1:{free_port()}"},
         "shutdown": {"deadline_s": 20.0},
+        # The thread, not "auto": a sink process adds about a second of interpreter start-up to
+        # every daemon start, and the tests start hundreds. The sink is the same class either
+        # way; tests/test_sink_process.py and the crash and gate tests run the process too.
+        "ingest": {"sink": "thread"},
     }
     for section, values in (overrides or {}).items():
         tree.setdefault(section, {}).update(values)

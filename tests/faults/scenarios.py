@@ -55,6 +55,9 @@ CRASH_POINT_TIMEOUT_S = 20.0
 
 # -- 1. SIGKILL at random moments and at named points ---------------------------------------------
 
+# How the daemon reports a sink process that a crash point killed.
+SINK_PROCESS_KILLED = "the sink process exited unexpectedly (exit code -9)"
+
 
 def kill_schedule(kills: int, rng: random.Random) -> list[str]:
     """``kills`` ways to end a daemon's life: every named point and the two timed ones, cycled."""
@@ -68,16 +71,26 @@ def kill_schedule(kills: int, rng: random.Random) -> list[str]:
 
 
 def sigkill(
-    broker: MosquittoBroker, certs: CertBundle, workdir: Path, *, kills: int, seed: int = 1
+    broker: MosquittoBroker,
+    certs: CertBundle,
+    workdir: Path,
+    *,
+    kills: int,
+    seed: int = 1,
+    sink: str = "thread",
 ) -> Outcome:
     """SIGKILL the daemon ``kills`` times mid-stream, restarting it each time.
 
     ``random``: SIGKILL at a random moment (mid-receive, mid-write, mid-commit, wherever it
     lands); ``shutdown``: SIGTERM, then SIGKILL while draining; a point name: the daemon kills
     itself there (ingest.testing.faultpoints), the n-th time it passes, n random in 1..3.
+
+    ``sink = "process"``: the SIGKILLs hit the daemon alone, so its sink process must exit by
+    itself; the sink's points (checkpoint, parquet, sink) kill the sink process, and the daemon
+    must then stop with exit 1 naming it.
     """
     rng = random.Random(seed)
-    tree = fault_config(broker, certs, workdir)
+    tree = fault_config(broker, certs, workdir, ingest={"sink": sink})
     daemon = FaultDaemon(tree, workdir)
     output = workdir / "data"
     publisher = StreamPublisher(broker, certs, rate=1500, seed=seed, prefix=f"k{seed}")
@@ -100,7 +113,9 @@ def sigkill(
                     missed.append(kind)
                     daemon.kill()
                     continue
-                assert code == -signal.SIGKILL, f"{kind}: exit {code}\n{daemon.log_text()[-3000:]}"
+                assert code == -signal.SIGKILL or (
+                    sink == "process" and code == 1 and SINK_PROCESS_KILLED in daemon.log_text()
+                ), f"{kind}: exit {code}\n{daemon.log_text()[-3000:]}"
                 crashed.append(kind)
                 continue
             daemon.start()

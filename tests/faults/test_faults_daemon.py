@@ -42,6 +42,15 @@ def test_sigkill_at_random_moments_and_named_points(
     assert "not reached" not in outcome.notes, outcome.notes
 
 
+def test_sigkill_with_the_sink_in_its_own_process(
+    broker: MosquittoBroker, certs: CertBundle, tmp_path: Path
+) -> None:
+    """The same kills with ``[ingest] sink = "process"``: the daemon or its sink process dies."""
+    outcome = scenarios.sigkill(broker, certs, tmp_path, kills=CI.kills, seed=2, sink="process")
+    _check(outcome)
+    assert "not reached" not in outcome.notes, outcome.notes
+
+
 def test_broker_sigkill_and_restart(
     broker: MosquittoBroker, certs: CertBundle, tmp_path: Path
 ) -> None:

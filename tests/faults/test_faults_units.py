@@ -23,13 +23,13 @@ from ingest.errors import LogError, SinkError
 from ingest.metrics import Metrics
 from ingest.parquet import PartitionedWriter
 from ingest.schemas import REJECTED, TELEMETRY, arrow_schema
-from ingest.sink import FlushPolicy, Sink
+from ingest.sink import FlushPolicy, Sink, SinkMetrics
 from ingest.testing.accounting import tally
 from ingest.testing.daemon import APP_ID, wait_for
 from ingest.testing.faultpoints import CRASH_ENV, POINTS
 from ingest.testing.proxy import FaultyProxy
 from ingest.testing.traffic import stream
-from ingest.wal import LogRecord, WriteAheadLog
+from ingest.wal import WriteAheadLog
 from tests.faults.hostile import FAMILIES, hostile_corpus
 
 # -- the proxy ------------------------------------------------------------------------------------
@@ -225,17 +225,16 @@ def test_sink_retries_when_the_checkpoint_cannot_be_written(tmp_path: Path) -> N
     checkpoints = _FullDiskCheckpoints(tmp_path / "checkpoint.json", failures=1)
     dedupe = DedupeIndex(tmp_path / "dedupe.sqlite3")
     sink = Sink(
-        wal=wal,
         checkpoints=checkpoints,
         dedupe=dedupe,
         telemetry=PartitionedWriter(tmp_path / "data", "telemetry", schema_name=TELEMETRY),
         rejected=PartitionedWriter(tmp_path / "data", "rejected", schema_name=REJECTED),
         decoder=Decoder(app_id=APP_ID, max_payload_bytes=1 << 20),
         policy=FlushPolicy(max_rows=1, max_bytes=1 << 30, max_age_s=3600),
-        metrics=Metrics(CollectorRegistry()),
+        events=SinkMetrics(Metrics(CollectorRegistry()), wal),
     )
     first, _ = wal.append_batch([(1, m.topic, m.payload) for m in messages])
-    sink.submit([LogRecord(first + i, 1, m.topic, m.payload) for i, m in enumerate(messages)])
+    sink.submit(first, [(1, m.topic, m.payload) for m in messages])
     stop = threading.Event()
     failure: list[BaseException] = []
 
@@ -333,18 +332,17 @@ def test_replay_refuses_a_log_with_records_missing_after_the_checkpoint(tmp_path
     wal.append_batch([(1, m.topic, m.payload) for m in messages])
     dedupe = DedupeIndex(tmp_path / "dedupe.sqlite3")
     sink = Sink(
-        wal=wal,
         checkpoints=CheckpointStore(tmp_path / "checkpoint.json"),
         dedupe=dedupe,
         telemetry=PartitionedWriter(tmp_path / "data", "telemetry", schema_name=TELEMETRY),
         rejected=PartitionedWriter(tmp_path / "data", "rejected", schema_name=REJECTED),
         decoder=Decoder(app_id=APP_ID, max_payload_bytes=1 << 20),
         policy=FlushPolicy(max_rows=1, max_bytes=1 << 30, max_age_s=3600),
-        metrics=Metrics(CollectorRegistry()),
+        events=SinkMetrics(Metrics(CollectorRegistry()), wal),
     )
     try:
         with pytest.raises(SinkError, match=r"records 1\.\.3 are missing"):
-            sink.replay(Checkpoint(committed_lsn=0))
+            sink.replay(Checkpoint(committed_lsn=0), wal.read_from(1))
     finally:
         dedupe.close()
         wal.close()

@@ -16,13 +16,12 @@ import pyarrow.dataset as ds
 from prometheus_client import CollectorRegistry
 from pyiceberg.table import Table
 
-from ingest.app import Pipeline, open_pipeline
 from ingest.config import Settings
 from ingest.iceberg.catalog import open_catalog
 from ingest.metrics import Metrics
+from ingest.pipeline import Pipeline, open_pipeline
 from ingest.testing.daemon import APP_ID, wait_for
 from ingest.testing.traffic import Message, make_vin, stream
-from ingest.wal import LogRecord
 
 _RANGE = re.compile(r"(\d{20})-(\d{20})\.parquet$")
 # Fixed receive time: 2026-11-28 12:00 UTC, so every row's date is known.
@@ -50,6 +49,8 @@ def settings_tree(
         },
         "state": {"path": str(tmp_path / "state"), "durability": "write"},
         "iceberg": {"enabled": True, **(iceberg or {})},
+        # commit_groups drives the sink itself, on a thread of this process.
+        "ingest": {"sink": "thread"},
     }
     if replica:
         tree["replica"] = replica
@@ -74,12 +75,7 @@ def commit_groups(
             first, last = pipeline.wal.append_batch(
                 [(received_at_us, m.topic, m.payload) for m in group]
             )
-            pipeline.sink.submit(
-                [
-                    LogRecord(first + i, received_at_us, m.topic, m.payload)
-                    for i, m in enumerate(group)
-                ]
-            )
+            pipeline.sink.submit(first, [(received_at_us, m.topic, m.payload) for m in group])
         # The sink thread as in the daemon: failures are retried until the commit lands.
         stop = threading.Event()
         failure: list[BaseException] = []
@@ -103,8 +99,7 @@ def commit_groups(
             raise failure[0]
         return pipeline.sink.committed_lsn
     finally:
-        pipeline.close()
-        pipeline.sink.close()  # the catalog's connections (not closed by Pipeline.close yet)
+        pipeline.close()  # the catalog's connections too
 
 
 def messages(count: int, *, seed: int = 1, prefix: str = "m", **kwargs: Any) -> list[Message]:

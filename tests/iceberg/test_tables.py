@@ -13,9 +13,9 @@ import duckdb
 import pyarrow.compute as pc
 import pytest
 
-from ingest.app import Pipeline
 from ingest.errors import LogError, SinkError
 from ingest.iceberg.catalog import SQLITE_FILE
+from ingest.pipeline import Pipeline
 from tests.iceberg.support import (
     commit_groups,
     data_files,
@@ -127,7 +127,8 @@ def test_a_commit_retried_after_the_append_does_not_append_again(tmp_path: Path)
     settings = settings_for(tmp_path)
 
     def fail_once(pipeline: Pipeline) -> None:
-        real = pipeline.dedupe.record
+        assert pipeline.opened is not None  # the thread sink: its dedupe index is ours
+        real = pipeline.opened.dedupe.record
         failures = [LogError("could not write dedupe index: No space left on device")]
 
         def record(entries: list[tuple[str, int, int]]) -> None:
@@ -135,7 +136,7 @@ def test_a_commit_retried_after_the_append_does_not_append_again(tmp_path: Path)
                 raise failures.pop()
             real(entries)
 
-        pipeline.dedupe.record = record  # type: ignore[method-assign]
+        pipeline.opened.dedupe.record = record  # type: ignore[method-assign]
 
     batch = messages(20, invalid_fraction=0.2)
     commit_groups(settings, [batch], prepare=fail_once)
