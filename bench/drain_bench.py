@@ -32,6 +32,7 @@ if __package__ in (None, ""):  # run as `python bench/drain_bench.py`: make `ben
 
 from bench.drain_live import LiveResult, run_live
 from bench.drain_support import (
+    POLL_S,
     Backlog,
     BenchDaemon,
     Result,
@@ -138,6 +139,13 @@ def _print_drain(backlog: Backlog, rounds: list[list[Result]]) -> None:
                 f"({parquet / backlog.raw_bytes:.3f} of raw); start-up before subscribed "
                 f"{last.extra['startup_s']:.2f} s (not in msg/s); exit code "
                 f"{last.extra['exit_code']}"
+            )
+            pss = [r.extra["peak_pss_bytes"] / 1e6 for r in rs]
+            print(
+                f"{name}: peak RSS above sums each process's peak (with a sink process, pyarrow's "
+                f"shared pages count twice); their PSS together, sampled every "
+                f"{POLL_S * 1000:.0f} ms until every message was acknowledged, peaked at "
+                f"{_spread(pss, '.0f')} MB"
             )
             acked = [r.messages / r.extra["acked_s"] for r in rs]
             print(

@@ -160,6 +160,23 @@ def peak_rss(pid: int) -> int:
     return sum(_hwm(member) for member in process_tree(pid))
 
 
+def tree_pss(pid: int) -> int:
+    """Proportional set size of ``pid`` and its descendants, summed: what they use together now,
+    each shared page (pyarrow's libraries, mapped by the daemon and its sink process) counted
+    once. RSS summed counts those pages in every process that maps them."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            text = Path(f"/proc/{member}/smaps_rollup").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        for line in text.splitlines():
+            if line.startswith("Pss:"):
+                total += int(line.split()[1]) * 1024
+                break
+    return total
+
+
 def proc_stats(pid: int) -> tuple[float, int]:
     """(CPU seconds, peak RSS bytes) of a live process and its descendants, from /proc."""
     tree = process_tree(pid)
@@ -358,10 +375,12 @@ def hm_ingest(daemon: BenchDaemon, backlog: Backlog, name: str) -> Result:
     metrics = f"http://{daemon.tree['metrics']['listen']}/metrics"
     next_check = 0.0
     acked_at = 0.0
+    peak_pss = 0
     with httpx.Client(timeout=2.0) as http:
         while True:
             _, peak_now = proc_stats(daemon.pid)
             peak = max(peak, peak_now)
+            peak_pss = max(peak_pss, tree_pss(daemon.pid))
             now = time.monotonic()
             if now >= next_check:  # /metrics costs the daemon a little: 4 times a second
                 next_check = now + 0.25
@@ -401,6 +420,7 @@ def hm_ingest(daemon: BenchDaemon, backlog: Backlog, name: str) -> Result:
         max(peak, peak_end),
         extra={
             "startup_s": connected - started,
+            "peak_pss_bytes": peak_pss,
             "acked_s": acked_at - connected,
             "exit_code": code,
             "parquet_bytes": sum(p.stat().st_size for p in files),

@@ -126,6 +126,7 @@ class SinkProcess:
         self._events: SinkEvents | None = None
         self._clearances: Clearances | None = None
         self._refused_sent: frozenset[str] | None = None
+        self._clearance_lock = threading.Lock()
         self._sent_groups = 0
         self._taken_groups = 0
         self.committed_lsn = 0
@@ -186,9 +187,8 @@ class SinkProcess:
     def submit(self, first_lsn: int, entries: list[tuple[int, str, bytes]]) -> None:
         # The gate first, so the records after a clearance change are judged by the new state.
         self._follow_clearances()
-        with self._send_lock:
-            self._inbox.send(("records", first_lsn, entries))
-            self._sent_groups += 1
+        self._send(("records", first_lsn, entries))
+        self._sent_groups += 1
 
     @property
     def queued_groups(self) -> int:
@@ -204,12 +204,23 @@ class SinkProcess:
         clearances = self._clearances
         if clearances is None:
             return
-        refused = clearances.refused_vins
-        with self._send_lock:
+        # Read, compared and sent under one lock: intake's thread and the relay both call this,
+        # and an older snapshot must not overtake a newer one in the pipe.
+        with self._clearance_lock:
+            refused = clearances.refused_vins
             if refused is self._refused_sent or refused == self._refused_sent:
                 return
-            self._inbox.send(("refused", refused))
+            self._send(("refused", refused))
             self._refused_sent = refused
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        """Send to the process (intake's thread and the relay's both do); SinkError if it is
+        gone."""
+        try:
+            with self._send_lock:
+                self._inbox.send(message)
+        except OSError:  # BrokenPipeError: it exited
+            raise self._exited() from None
 
     def run(self, stop: threading.Event) -> None:
         """Relay the process's reports until ``stop`` is set and it has committed and exited.
@@ -221,8 +232,7 @@ class SinkProcess:
         stop_sent = False
         while True:
             if stop.is_set() and not stop_sent:
-                with self._send_lock:
-                    self._inbox.send(("stop",))
+                self._send(("stop",))
                 stop_sent = True
             if not self._outbox.poll(POLL_S):
                 self._follow_clearances()
@@ -254,12 +264,18 @@ class SinkProcess:
         try:
             return self._outbox.recv()
         except (EOFError, OSError):
-            code = self._process.wait(JOIN_S)
-            raise SinkError(
-                f"the sink process exited unexpectedly (exit code {code}); "
-                "what it had not committed is in the log and replayed at the next start",
-                retriable=False,
-            ) from None
+            raise self._exited() from None
+
+    def _exited(self) -> SinkError:
+        try:
+            code: int | str = self._process.wait(JOIN_S)
+        except subprocess.TimeoutExpired:
+            code = "none yet: its pipe is closed but it still runs"
+        return SinkError(
+            f"the sink process exited unexpectedly (exit code {code}); what it had not "
+            "committed is in the log and replayed at the next start",
+            retriable=False,
+        )
 
     def close(self) -> None:
         """End the process if it still runs (after a failed start or a missed deadline)."""

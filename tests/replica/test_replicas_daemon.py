@@ -48,7 +48,9 @@ def _run(broker: MosquittoBroker, certs: CertBundle, tmp_path: Path, kill: str) 
     return report
 
 
-@pytest.mark.parametrize("kill", ["follower", "leader", "follower-logged-unacked"])
+# A plain follower SIGKILL is `python -m bench.replicas_bench` (its default): the
+# follower-logged-unacked case kills a follower too, at the hardest moment, so CI runs that one.
+@pytest.mark.parametrize("kill", ["leader", "follower-logged-unacked"])
 def test_three_replicas_write_every_message_once_and_take_over_a_killed_one(
     broker: MosquittoBroker, certs: CertBundle, tmp_path: Path, kill: str
 ) -> None:
