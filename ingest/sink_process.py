@@ -32,6 +32,7 @@ until it exits, so a restarted daemon waits for an orphaned sink process to be g
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -255,7 +256,9 @@ class SinkProcess:
                 raise SinkError(f"the sink process stopped: {message[1]}", retriable=False)
             elif kind == "stopped":
                 self.committed_lsn = message[1]
-                self._process.wait(JOIN_S)
+                # Everything is committed: one that does not exit in time is killed by close().
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._process.wait(JOIN_S)
                 return
             else:
                 raise SinkError(f"the sink process sent {message!r}", retriable=False)
@@ -281,7 +284,8 @@ class SinkProcess:
         """End the process if it still runs (after a failed start or a missed deadline)."""
         if self._process.poll() is None:
             self._process.kill()
-        self._process.wait(JOIN_S)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._process.wait(JOIN_S)
         self._inbox.close()
         self._outbox.close()
 
