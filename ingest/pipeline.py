@@ -64,24 +64,22 @@ def open_sink(settings: Settings, events: SinkEvents) -> OpenedSink:
         from ingest.iceberg import open_tables  # noqa: PLC0415
 
         tables = open_tables(settings)
+
+    def writer(table: str, schema_name: str) -> PartitionedWriter:
+        # With replicas, each one's LSNs are its own: its id in the file names keeps them apart.
+        return PartitionedWriter(
+            output,
+            table,
+            schema_name=schema_name,
+            compression_level=level,
+            replica=settings.replica.id,
+        )
+
     sink = Sink(
         checkpoints=checkpoints,
         dedupe=dedupe,
-        # With replicas, each one's LSNs are its own: its id in the file names keeps them apart.
-        telemetry=PartitionedWriter(
-            output,
-            "telemetry",
-            schema_name=TELEMETRY,
-            compression_level=level,
-            replica=settings.replica.id,
-        ),
-        rejected=PartitionedWriter(
-            output,
-            "rejected",
-            schema_name=REJECTED,
-            compression_level=level,
-            replica=settings.replica.id,
-        ),
+        telemetry=writer("telemetry", TELEMETRY),
+        rejected=writer("rejected", REJECTED),
         decoder=Decoder(
             app_id=settings.mqtt.app_id or None,
             max_payload_bytes=settings.ingest.max_payload_bytes,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -44,3 +45,18 @@ def message_ids(output: Path) -> Counter[str]:
 
 def committed_files(output: Path) -> list[Path]:
     return sorted(output.glob("*/*/*.parquet"))
+
+
+def assert_exactly_once(output: Path, message_ids_published: Iterable[str]) -> None:
+    """Every published message id is in the output exactly once; names what is lost or doubled."""
+    counts = message_ids(output)
+    expected = set(message_ids_published)
+    missing = expected - set(counts)
+    repeated = {k: v for k, v in counts.items() if v > 1}
+    assert not missing, f"{len(missing)} message(s) lost, e.g. {sorted(missing)[:5]}"
+    assert not repeated, f"{len(repeated)} message(s) duplicated, e.g. {list(repeated.items())[:5]}"
+    assert set(counts) == expected
+
+
+def all_committed(output: Path, message_ids_published: Iterable[str]) -> bool:
+    return set(message_ids(output)) >= set(message_ids_published)

@@ -27,7 +27,7 @@ from ingest.testing.daemon import (
     write_toml,
 )
 from ingest.testing.traffic import Message, stream
-from tests.daemon_support import message_ids
+from tests.daemon_support import all_committed, assert_exactly_once
 
 pytestmark = pytest.mark.slow
 
@@ -66,20 +66,6 @@ def _publish_in_background(
     return thread
 
 
-def _assert_exactly_once(output: Path, messages: list[Message]) -> None:
-    counts = message_ids(output)
-    expected = {m.message_id for m in messages}
-    missing = expected - set(counts)
-    repeated = {k: v for k, v in counts.items() if v > 1}
-    assert not missing, f"{len(missing)} message(s) lost, e.g. {sorted(missing)[:5]}"
-    assert not repeated, f"{len(repeated)} message(s) duplicated, e.g. {list(repeated.items())[:5]}"
-    assert set(counts) == expected
-
-
-def _all_committed(output: Path, messages: list[Message]) -> bool:
-    return set(message_ids(output)) >= {m.message_id for m in messages}
-
-
 def test_sigkill_mid_stream_loses_and_duplicates_nothing(
     broker: MosquittoBroker, certs: CertBundle, tmp_path: Path
 ) -> None:
@@ -103,12 +89,16 @@ def test_sigkill_mid_stream_loses_and_duplicates_nothing(
             daemon.start()
         publisher.join(300)
         assert not publisher.is_alive(), "publisher did not finish"
-        wait_for(lambda: _all_committed(output, messages), 120, "all messages committed")
+        wait_for(
+            lambda: all_committed(output, [m.message_id for m in messages]),
+            120,
+            "all messages committed",
+        )
         daemon.signal(signal.SIGTERM)
         assert daemon.wait(60) == 0, daemon.log_text()[-3000:]
     finally:
         daemon.kill()
-    _assert_exactly_once(output, messages)
+    assert_exactly_once(output, [m.message_id for m in messages])
     assert "replayed" in daemon.log_text()
 
 
@@ -127,12 +117,16 @@ def test_broker_restart_mid_stream(
         broker.stop()
         broker.start()
         _publish_in_background(broker, certs, second).join(120)
-        wait_for(lambda: _all_committed(output, first + second), 120, "all messages committed")
+        wait_for(
+            lambda: all_committed(output, [m.message_id for m in first + second]),
+            120,
+            "all messages committed",
+        )
         daemon.signal(signal.SIGTERM)
         assert daemon.wait(60) == 0
     finally:
         daemon.kill()
-    _assert_exactly_once(output, first + second)
+    assert_exactly_once(output, [m.message_id for m in first + second])
     assert "connect" in daemon.log_text().lower()
 
 
@@ -161,6 +155,6 @@ def test_sigterm_drains_everything_acknowledged(
     # Every message the broker handed over was acked by the daemon (the publisher got its
     # PUBACKs from the broker, and the daemon's session is persistent), so a restart must find
     # nothing more to add: the drain committed all of them.
-    _assert_exactly_once(output, messages)
+    assert_exactly_once(output, [m.message_id for m in messages])
     assert drain_s < 20
     assert "drained in" in daemon.log_text()

@@ -29,7 +29,7 @@ from ingest.testing.daemon import (
     write_toml,
 )
 from ingest.testing.traffic import Message, stream
-from tests.daemon_support import message_ids, read_table
+from tests.daemon_support import all_committed, assert_exactly_once, message_ids, read_table
 
 CONFIG = {"ingest": {"sink": "process"}, "output": {"flush_age_s": 0.3}}
 
@@ -96,20 +96,6 @@ def _publish(broker: MosquittoBroker, certs: CertBundle, messages: list[Message]
         publisher.publish_many((m.topic, m.payload) for m in messages)
 
 
-def _assert_exactly_once(output: Path, messages: list[Message]) -> None:
-    counts = message_ids(output)
-    expected = {m.message_id for m in messages}
-    assert set(counts) == expected, (
-        f"lost {len(expected - set(counts))}, unexpected {len(set(counts) - expected)}"
-    )
-    repeated = {k: v for k, v in counts.items() if v > 1}
-    assert not repeated, f"{len(repeated)} duplicated, e.g. {list(repeated.items())[:5]}"
-
-
-def _committed(output: Path, messages: list[Message]) -> bool:
-    return set(message_ids(output)) >= {m.message_id for m in messages}
-
-
 def _metric(tree: dict, name: str, **labels: str) -> float:
     text = httpx.get(f"http://{tree['metrics']['listen']}/metrics", timeout=2).text
     return sum(
@@ -130,7 +116,11 @@ def test_the_sink_process_commits_everything_once_and_stops_with_the_daemon(
     try:
         sink_pid = _sink_process(daemon)
         _publish(broker, certs, messages)
-        wait_for(lambda: _committed(output, messages), 60, "every message committed")
+        wait_for(
+            lambda: all_committed(output, [m.message_id for m in messages]),
+            60,
+            "every message committed",
+        )
         # The sink process's reports reach the daemon's metrics: rows, and the log released.
         rows = len(read_table(output, "telemetry"))
         wait_for(
@@ -145,7 +135,7 @@ def test_the_sink_process_commits_everything_once_and_stops_with_the_daemon(
     finally:
         daemon.kill()
     assert not _alive(sink_pid), "the sink process outlived its daemon"
-    _assert_exactly_once(output, messages)
+    assert_exactly_once(output, [m.message_id for m in messages])
     assert f"sink process {sink_pid} serves from lsn" in daemon.log_text()
 
 
@@ -168,12 +158,16 @@ def test_a_killed_sink_process_stops_the_daemon_and_the_restart_loses_nothing(
         _publish(broker, certs, second)
         daemon.start()
         wait_ready(tree)
-        wait_for(lambda: _committed(output, first + second), 60, "every message committed")
+        wait_for(
+            lambda: all_committed(output, [m.message_id for m in first + second]),
+            60,
+            "every message committed",
+        )
         daemon.signal(signal.SIGTERM)
         assert daemon.wait(30) == 0, daemon.log_text()[-3000:]
     finally:
         daemon.kill()
-    _assert_exactly_once(output, first + second)
+    assert_exactly_once(output, [m.message_id for m in first + second])
 
 
 @pytest.mark.slow
