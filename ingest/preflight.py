@@ -21,7 +21,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from ingest.config import Settings, env_name
+from ingest.config import MIN_CPUS_FOR_SINK_PROCESS, Settings, env_name
+from ingest.cpus import usable_cpus
 from ingest.errors import ConfigError, CredentialError, IngestError, SinkError
 from ingest.fleet.apiclient import auth_settings
 from ingest.fleet.desired import load_desired_fleet
@@ -219,6 +220,21 @@ def check_topic(settings: Settings) -> Finding:
     return Finding(Level.OK, "mqtt.topic", f"subscribing to {mqtt.resolved_topic}")
 
 
+def check_sink(settings: Settings) -> Finding:
+    """Where the sink will run, and why (``[ingest] sink``)."""
+    ingest = settings.ingest
+    mode = ingest.sink_mode
+    if ingest.sink != "auto":
+        return Finding(Level.OK, "ingest.sink", f"on a {mode} (set explicitly)")
+    cpus = usable_cpus()
+    return Finding(
+        Level.OK,
+        "ingest.sink",
+        f"on a {mode}: auto, with {cpus:g} usable CPU(s) (a process from "
+        f"{MIN_CPUS_FOR_SINK_PROCESS:g})",
+    )
+
+
 def check_fleet(settings: Settings) -> Iterator[Finding]:
     """The control loop's credentials and desired-fleet file, checked before any API call."""
     fleet = settings.fleet
@@ -359,6 +375,7 @@ def run_checks(settings: Settings) -> list[Finding]:
     findings = [check_topic(settings), *check_mqtt_credentials(settings), *check_fleet(settings)]
     findings.extend(check_replica(settings))
     findings.append(check_output(settings.output.path))
+    findings.append(check_sink(settings))
     findings.append(check_writable("state.path", settings.state.path))
     if settings.state.log_max_bytes < 2 * settings.state.log_segment_bytes:
         findings.append(

@@ -9,6 +9,7 @@ import pytest
 
 from ingest.config import Settings
 from ingest.cpus import usable_cpus
+from ingest.preflight import check_sink
 
 AFFINITY = float(len(os.sched_getaffinity(0)))
 
@@ -51,3 +52,12 @@ def test_auto_picks_the_process_from_two_usable_cpus(monkeypatch: pytest.MonkeyP
     pinned = Settings.model_validate({"ingest": {"sink": "thread"}})
     monkeypatch.setattr("ingest.config.usable_cpus", lambda: 8.0)
     assert pinned.ingest.sink_mode == "thread"
+
+
+def test_check_names_where_the_sink_runs_and_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("ingest.preflight.usable_cpus", lambda: 1.5)
+    monkeypatch.setattr("ingest.config.usable_cpus", lambda: 1.5)
+    finding = check_sink(Settings.model_validate({}))
+    assert str(finding).endswith("on a thread: auto, with 1.5 usable CPU(s) (a process from 2)")
+    pinned = check_sink(Settings.model_validate({"ingest": {"sink": "process"}}))
+    assert str(pinned).endswith("on a process (set explicitly)")
