@@ -29,7 +29,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from types import TracebackType
+from typing import Any, Literal, Self
 
 import pyarrow.parquet as pq
 
@@ -65,6 +66,8 @@ VIN_MODE_V2_FRACTION = 0.02
 # Generous: thousands of VINs are added at HM (100 per request) and subscribed (by three
 # replicas) on a 2-core machine shared with other work.
 FLEET_READY_TIMEOUT_S = 180.0
+# How much of the replicas' logs a failing scenario prints (the end, where the failure is).
+FAILURE_LOG_CHARS = 20_000
 
 
 @dataclass
@@ -128,24 +131,33 @@ class ReplicaGroup:
         # are hosted like lost ones), which they take back when they start.
         ready_timeout_s = 60.0 if self.mode == "shared" else 120.0
         for index in range(self.count):
-            folder = self.workdir / self.replica_id(index)
-            tree = daemon_config(
-                self.broker,
-                self.certs,
-                folder,
-                client_id="hm-ingest",
-                overrides=self._overrides(index),
-            )
-            config = write_toml(tree, folder.with_suffix(".toml"))
-            process = DaemonProcess(config, folder.with_suffix(".log"))
-            self.trees.append(tree)
-            self.processes.append(process)
-            process.start(self.first_start_env.get(index))
+            tree = self._launch(index)
             if index == 0:
                 wait_ready(tree, timeout_s=ready_timeout_s)
                 wait_for(lambda: self.leader() == "r0", 30, "r0 to lead")
         for tree in self.trees:
             wait_ready(tree, timeout_s=ready_timeout_s)
+
+    def add_replica(self, *, ready_timeout_s: float) -> None:
+        """Start one more replica (the next id) and wait until it is ready; the group's member
+        list (and so every owner it computes) includes it from now on."""
+        index = self.count
+        self.count += 1
+        wait_ready(self._launch(index), timeout_s=ready_timeout_s)
+
+    def _launch(self, index: int) -> dict[str, dict[str, Any]]:
+        """Write replica ``index``'s settings and start it; returns its settings tree."""
+        folder = self.workdir / self.replica_id(index)
+        tree = daemon_config(
+            self.broker, self.certs, folder, client_id="hm-ingest", overrides=self._overrides(index)
+        )
+        process = DaemonProcess(
+            write_toml(tree, folder.with_suffix(".toml")), folder.with_suffix(".log")
+        )
+        self.trees.append(tree)
+        self.processes.append(process)
+        process.start(self.first_start_env.get(index))
+        return tree
 
     def _start_fleet(self) -> None:
         write_fleet_file(self.fleet_file, self.fleet_vins)
@@ -212,6 +224,21 @@ class ReplicaGroup:
 
     def logs(self) -> str:
         return "\n".join(p.log_text() for p in self.processes)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Tear down; after a failure, print the replicas' last log lines first (pytest shows
+        them with the failure)."""
+        if exc_type is not None:
+            print(self.logs()[-FAILURE_LOG_CHARS:])
+        self.kill_all()
 
     # -- vin mode -------------------------------------------------------------------------------
 

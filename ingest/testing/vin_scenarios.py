@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from ingest.replica.shards import APP_TOPIC_KEY, owner, vin_filter
 from ingest.testing.accounting import Tally, tally
-from ingest.testing.daemon import APP_ID, DaemonProcess, daemon_config, wait_for, wait_ready
+from ingest.testing.daemon import APP_ID, DaemonProcess, wait_for, wait_ready
 from ingest.testing.daemon import write_toml as write_settings
 from ingest.testing.publish import Publisher
 from ingest.testing.replicas import (
@@ -427,7 +427,7 @@ def run_resize(
             phases.begin(f"{name} {'starting' if index == len(old_members) else 'restarting'}")
             started = time.monotonic()
             if index == len(old_members):
-                _add_replica(group)
+                group.add_replica(ready_timeout_s=EVENT_TIMEOUT_S)
             else:
                 exit_codes[name] = _restart_with_members(group, index, new_members)
             ready_s[name] = time.monotonic() - started
@@ -512,28 +512,6 @@ def _restart_with_members(group: ReplicaGroup, index: int, members: Sequence[str
     process.start()
     wait_ready(tree, timeout_s=EVENT_TIMEOUT_S)
     return exit_code
-
-
-def _add_replica(group: ReplicaGroup) -> None:
-    """Start one more replica (the next id) with the group's now longer member list."""
-    index = group.count
-    group.count += 1  # the group's members (and so every owner it computes) now include it
-    folder = group.workdir / group.replica_id(index)
-    tree = daemon_config(
-        group.broker,
-        group.certs,
-        folder,
-        client_id="hm-ingest",
-        # ReplicaGroup.start builds its replicas' settings the same way.
-        overrides=group._overrides(index),
-    )
-    process = DaemonProcess(
-        write_settings(tree, folder.with_suffix(".toml")), folder.with_suffix(".log")
-    )
-    group.trees.append(tree)
-    group.processes.append(process)
-    process.start()
-    wait_ready(tree, timeout_s=EVENT_TIMEOUT_S)
 
 
 def _snapshot(group: ReplicaGroup, moved: set[str], phase: str) -> SubscriptionSnapshot:

@@ -25,8 +25,7 @@ HEARTBEAT_S = 1.0
 
 
 def _run(broker: MosquittoBroker, certs: CertBundle, tmp_path: Path, kill: str) -> TakeoverReport:
-    group = ReplicaGroup(broker, certs, tmp_path, lease_s=LEASE_S, heartbeat_s=HEARTBEAT_S)
-    try:
+    with ReplicaGroup(broker, certs, tmp_path, lease_s=LEASE_S, heartbeat_s=HEARTBEAT_S) as group:
         report = run_takeover(
             group,
             messages=12_000,
@@ -34,11 +33,6 @@ def _run(broker: MosquittoBroker, certs: CertBundle, tmp_path: Path, kill: str) 
             rate=1_500.0,
             kill=kill,  # type: ignore[arg-type]
         )
-    except BaseException:
-        print(group.logs()[-20_000:])
-        raise
-    finally:
-        group.kill_all()
     print(
         f"\n{report.replicas} replicas, {report.vins} VINs, {report.published} messages; killed "
         f"{report.killed} ({report.killed_role}); take-over {report.takeover_s:.1f} s "

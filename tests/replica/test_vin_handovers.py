@@ -43,14 +43,8 @@ def _group(broker: MosquittoBroker, certs: CertBundle, tmp_path: Path) -> Replic
 def test_a_leader_shut_down_while_hosting_hands_the_session_on_without_loss(
     broker: MosquittoBroker, certs: CertBundle, tmp_path: Path
 ) -> None:
-    group = _group(broker, certs, tmp_path)
-    try:
+    with _group(broker, certs, tmp_path) as group:
         report = run_host_shutdown(group, vins=VINS, rate=RATE)
-    except BaseException:
-        print(group.logs()[-20_000:])
-        raise
-    finally:
-        group.kill_all()
     print(
         f"\n{report.vins} VINs, {report.published} messages; fleet ready in "
         f"{report.fleet_ready_s:.1f} s; r1 SIGKILL → r0 hosts it "
@@ -88,14 +82,8 @@ def test_a_leader_shut_down_while_hosting_hands_the_session_on_without_loss(
 def test_growing_from_three_to_four_members_loses_nothing_and_moves_every_vin(
     broker: MosquittoBroker, certs: CertBundle, tmp_path: Path, r3: str
 ) -> None:
-    group = _group(broker, certs, tmp_path)
-    try:
+    with _group(broker, certs, tmp_path) as group:
         report = run_resize(group, vins=VINS, rate=RATE, new_member_first=r3 == "first")
-    except BaseException:
-        print(group.logs()[-20_000:])
-        raise
-    finally:
-        group.kill_all()
     print(
         f"\n{report.vins} VINs, {report.published} messages; fleet ready in "
         f"{report.fleet_ready_s:.1f} s; {report.moved_units} units move to r3; r3 {r3}; "

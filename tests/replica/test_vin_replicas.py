@@ -47,14 +47,8 @@ def _group(broker: MosquittoBroker, certs: CertBundle, tmp_path: Path) -> Replic
 def test_vin_sharded_replicas_write_every_message_once_and_host_a_killed_one(
     broker: MosquittoBroker, certs: CertBundle, tmp_path: Path, kill: Kill
 ) -> None:
-    group = _group(broker, certs, tmp_path)
-    try:
+    with _group(broker, certs, tmp_path) as group:
         report = run_takeover(group, messages=9_000, vins=2_400, rate=1_500.0, kill=kill)
-    except BaseException:
-        print(group.logs()[-20_000:])
-        raise
-    finally:
-        group.kill_all()
     print(
         f"\n{report.replicas} replicas, {report.vins} VINs, {report.published} messages; "
         f"fleet ready in {report.fleet_ready_s:.1f} s; killed {report.killed} "
@@ -95,14 +89,8 @@ def test_vin_sharded_replicas_write_every_message_once_and_host_a_killed_one(
 def test_vins_added_to_the_fleet_file_lose_nothing_from_their_first_message(
     broker: MosquittoBroker, certs: CertBundle, tmp_path: Path
 ) -> None:
-    group = _group(broker, certs, tmp_path)
-    try:
+    with _group(broker, certs, tmp_path) as group:
         report = run_fleet_growth(group, vins=1_200, added=300, rate=600.0)
-    except BaseException:
-        print(group.logs()[-20_000:])
-        raise
-    finally:
-        group.kill_all()
     print(
         f"\n{report.replicas} replicas, {report.initial_vins} VINs + {report.added_vins} added; "
         f"first at HM after {report.first_known_s:.1f} s, all after {report.all_known_s:.1f} s, "
