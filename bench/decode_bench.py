@@ -18,6 +18,11 @@ VIN = "WVWZZZ1JZ3W386752"
 TS = "2022-01-18T13:32:13.648943Z"
 
 
+def stamp(i: int) -> str:
+    """A timestamp of its own per message, as a stream has: the items of one message share it."""
+    return f"2022-01-18T13:{i // 60_000 % 60:02d}:{i // 1000 % 60:02d}.{i % 1000:03d}943Z"
+
+
 def v1_messages(count: int) -> list[tuple[str, bytes]]:
     """A realistic mix: unit values, enums, booleans, coordinates, a multi-item list."""
     shapes: list[tuple[str, str, object]] = [
@@ -42,9 +47,9 @@ def v1_messages(count: int) -> list[tuple[str, bytes]]:
     for i in range(count):
         capability, prop, item = shapes[i % len(shapes)]
         if isinstance(item, list):
-            value: object = [{**it, "timestamp": TS} for it in item]
+            value: object = [{**it, "timestamp": stamp(i)} for it in item]
         else:
-            value = {**item, "timestamp": TS}  # type: ignore[dict-item]
+            value = {**item, "timestamp": stamp(i)}  # type: ignore[dict-item]
         payload = {
             "version": 1,
             "message_id": f"{i:064X}",
@@ -90,7 +95,7 @@ def v2_messages(count: int) -> list[tuple[str, bytes]]:
                     "vin": VIN,
                     "data": data,
                 }
-            ),
+            ).replace(TS.encode(), stamp(i).encode()),
         )
         for i in range(count)
     ]

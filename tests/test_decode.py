@@ -7,11 +7,11 @@ from typing import Any
 import orjson
 import pyarrow as pa
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from ingest import decode as d
-from ingest.decode import COLUMNS, Decoded, Decoder, parse_timestamp_ms
+from ingest.decode import COLUMNS, Decoded, Decoder, _parse_iso8601, parse_timestamp_ms
 from ingest.schemas import TELEMETRY, arrow_schema, load_definition
 
 APP = "48aa1779-91c2-468e-97e9-ab112efd53b9"
@@ -339,6 +339,31 @@ def test_timestamps(text: str, expected: int) -> None:
 )
 def test_invalid_timestamps(text: str) -> None:
     assert parse_timestamp_ms(text) is None
+
+
+@given(
+    st.from_regex(
+        r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{0,12})?Z", fullmatch=True
+    )
+)
+@example("2022-01-18T13:32:13.Z")
+@example("2022-13-18T13:32:13Z")
+@example("2022-01-18T24:00:00.000Z")
+@example("0000-01-01T00:00:00Z")
+@settings(max_examples=500)
+def test_the_fast_path_agrees_with_the_grammar(text: str) -> None:
+    # HM's own layout goes through fromisoformat; every value, valid or not (month 13, hour 24,
+    # "13.Z"), must come out as the regex grammar says, which is the parser for everything else.
+    assert parse_timestamp_ms(text) == _parse_iso8601(text)
+
+
+def test_the_remembered_timestamp_is_only_reused_for_the_same_text() -> None:
+    assert parse_timestamp_ms("2022-01-18T13:32:13Z") == TS_MS
+    assert parse_timestamp_ms("2022-01-18T13:32:13Z") == TS_MS
+    assert parse_timestamp_ms("2022-01-18T13:32:14Z") == TS_MS + 1000
+    assert parse_timestamp_ms("2022-01-18T13:32:61Z") is None
+    assert parse_timestamp_ms("2022-01-18T13:32:61Z") is None
+    assert parse_timestamp_ms("2022-01-18T13:32:13.5Z") == TS_MS + 500
 
 
 # --- rejections ----------------------------------------------------------------------------------
