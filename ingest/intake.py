@@ -52,6 +52,9 @@ SINK_BACKLOG_GROUPS = 4
 SINK_QUEUE_BYTES = 16 * 1024 * 1024
 # Retry a failed log write (disk full) at most this often.
 WRITE_RETRY_MAX_S = 5.0
+# Pausing is ordinary flow control while the sink works through a backlog: it can pause and resume
+# several times a second. The log names a pause at most this often, with how many it left out.
+PAUSE_LOG_INTERVAL_S = 60.0
 
 _Received = tuple[int, str, bytes, Delivery]
 
@@ -103,6 +106,9 @@ class Intake:
         self._queue: queue.SimpleQueue[_Received] = queue.SimpleQueue()
         self._accepting = True
         self._paused = False
+        self._pause_logged_at: float | None = None  # monotonic time of the last pause logged
+        self._pauses_not_logged = 0
+        self._pause_is_logged = False  # the current pause was logged: log its end too
         self.heartbeat = time.monotonic()
         # The last append's failure (disk full, I/O error) while it persists: readiness shows it.
         self.last_write_error: str | None = None
@@ -243,7 +249,7 @@ class Intake:
                 first_lsn, last_lsn = self._wal.append_batch(entries)
             except LogError as exc:
                 self.last_write_error = str(exc)
-                self._set_paused(True, f"log write failed: {exc}")
+                self._set_paused(True, f"log write failed: {exc}", flow_control=False)
                 self.heartbeat = time.monotonic()
                 if stop.wait(retry_s):
                     return None
@@ -273,16 +279,30 @@ class Intake:
             )
         return None
 
-    def _set_paused(self, paused: bool, why: str) -> None:
+    def _set_paused(self, paused: bool, why: str, *, flow_control: bool = True) -> None:
+        """Pause or resume acks. A pause for ``flow_control`` (a cap reached) is logged at most
+        every PAUSE_LOG_INTERVAL_S; any other (the log unwritable) is always logged."""
         if paused == self._paused:
             return
         self._paused = paused
         self._metrics.backpressure.set(1 if paused else 0)
-        if paused:
-            log.warning(
-                "acknowledgements paused: %s; the broker keeps unacknowledged messages queued "
-                "(make sure its max_queued_messages is large enough)",
-                why,
-            )
-        else:
-            log.warning("acknowledgements resumed")
+        if not paused:
+            if self._pause_is_logged:
+                self._pause_is_logged = False
+                log.info("acknowledgements resumed")
+            return
+        now = time.monotonic()
+        logged_at = self._pause_logged_at
+        if flow_control and logged_at is not None and now - logged_at < PAUSE_LOG_INTERVAL_S:
+            self._pauses_not_logged += 1
+            return
+        left_out = self._pauses_not_logged
+        log.warning(
+            "acknowledgements paused: %s; the broker keeps unacknowledged messages queued "
+            "(make sure its max_queued_messages is large enough)%s",
+            why,
+            f"; {left_out} more pause(s) since the last such line, not logged" if left_out else "",
+        )
+        self._pause_logged_at = now
+        self._pauses_not_logged = 0
+        self._pause_is_logged = True

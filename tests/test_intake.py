@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from ingest import intake as intake_module
+from ingest.errors import LogError
 from ingest.intake import Intake, IntakeLimits
 from ingest.metrics import Metrics
 from ingest.mqtt import Delivery
@@ -107,6 +110,55 @@ def test_acks_pause_at_the_cap_and_resume_once_committed_although_the_file_stays
     assert harness.wal.size_bytes > CAP
     assert [r.lsn for r in harness.delivered] == list(range(1, 26))
     assert [d.mid for d in harness.acked] == list(range(1, 26))
+
+
+def _pause_and_resume(harness: Harness) -> None:
+    """Submit until acks pause at the cap, then commit everything so that they resume."""
+    while not harness.paused():
+        harness.submit(10)
+        wait_until(lambda: harness.paused() or len(harness.acked) == harness.mid, "a group")
+    harness.committed = harness.mid
+    wait_until(lambda: len(harness.acked) == harness.mid, "acks to resume")
+
+
+def test_a_flapping_pause_is_logged_once_per_interval_with_the_count_left_out(
+    harness: Harness, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.INFO, logger="ingest.intake")
+    for _ in range(3):
+        _pause_and_resume(harness)
+    paused = [r for r in caplog.records if r.getMessage().startswith("acknowledgements paused")]
+    resumed = [r for r in caplog.records if r.getMessage() == "acknowledgements resumed"]
+    assert [r.levelno for r in paused] == [logging.WARNING]
+    assert "cap reached" in paused[0].getMessage()
+    assert len(resumed) == 1  # the end of the logged pause only
+
+    monkeypatch.setattr(intake_module, "PAUSE_LOG_INTERVAL_S", 0.0)  # the interval has passed
+    _pause_and_resume(harness)
+    paused = [r for r in caplog.records if r.getMessage().startswith("acknowledgements paused")]
+    assert len(paused) == 2
+    assert paused[1].getMessage().endswith("; 2 more pause(s) since the last such line, not logged")
+
+
+def test_a_log_write_failure_is_logged_even_right_after_a_logged_pause(
+    harness: Harness, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.INFO, logger="ingest.intake")
+    _pause_and_resume(harness)
+    real_append = harness.wal.append_batch
+    failures = [LogError("could not write log segment: No space left on device")]
+
+    def append_or_fail(entries: list[tuple[int, str, bytes]]) -> tuple[int, int]:
+        if failures:
+            raise failures.pop()
+        return real_append(entries)
+
+    monkeypatch.setattr(harness.wal, "append_batch", append_or_fail)
+    harness.submit(1)
+    wait_until(lambda: len(harness.acked) == harness.mid, "the retried write")
+    paused = [r for r in caplog.records if r.getMessage().startswith("acknowledgements paused")]
+    assert len(paused) == 2
+    assert "log write failed: could not write log segment" in paused[1].getMessage()
 
 
 def test_partly_committed_log_resumes_below_the_resume_mark_only(harness: Harness) -> None:
