@@ -48,10 +48,9 @@ from typing import IO, Any, Self
 import pyarrow as pa
 
 from ingest import gc_tuning
-from ingest.batch import Clearances
+from ingest.batch import REJECTED_NOT_CLEARED, Clearances
 from ingest.config import Settings
 from ingest.errors import IngestError, LogError, SinkError
-from ingest.fleet.store import NOT_CLEARED
 from ingest.logs import configure
 from ingest.sink import CommitReport, SinkEvents
 
@@ -300,7 +299,10 @@ class _RefusedVins:
         self.refused_vins: frozenset[str] = frozenset()
 
     def refusal(self, vin: str) -> str | None:
-        return NOT_CLEARED if vin in self.refused_vins else None
+        # The daemon's gate (ClearanceStateStore.refusal) words it the same way; not imported
+        # from there, since ingest.fleet brings the HM API client (httpx, jwt, cryptography),
+        # about 20 MB this process never uses.
+        return REJECTED_NOT_CLEARED if vin in self.refused_vins else None
 
 
 class _Reports:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,7 +19,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from ingest.batch import REJECTED_NOT_CLEARED
 from ingest.errors import LogError
+from ingest.fleet.store import NOT_CLEARED
 from ingest.sink_process import LOCK_NAME, SinkLock
 from ingest.testing import CertBundle, MosquittoBroker, Publisher
 from ingest.testing.daemon import (
@@ -196,3 +200,21 @@ def test_the_sink_lock_is_exclusive_and_names_the_holder(tmp_path: Path) -> None
     again = SinkLock.acquire(tmp_path, timeout_s=0.2)
     again.release()
     assert (tmp_path / LOCK_NAME).exists()
+
+
+def test_the_sink_process_imports_no_hm_api_client() -> None:
+    """Each module a sink process imports is memory it holds for its lifetime: the HM API client
+    (httpx, jwt, cryptography, via ingest.fleet) cost it about 20 MB, for one string constant."""
+    probe = (
+        "import sys, ingest.sink_process; "
+        "print(sorted(m for m in ('httpx', 'jwt', 'cryptography', 'aiohttp', 'ingest.fleet', "
+        "'ingest.hmapi') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_sink_process_gate_words_a_refusal_as_the_daemons_gate_does() -> None:
+    assert REJECTED_NOT_CLEARED == NOT_CLEARED
