@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import signal
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -10,6 +11,8 @@ from typing import Any
 
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+
+from ingest.testing.daemon import DaemonProcess, wait_for
 
 _MESSAGE_ID = re.compile(rb'"message_id":\s*"([^"]+)"')
 
@@ -60,3 +63,13 @@ def assert_exactly_once(output: Path, message_ids_published: Iterable[str]) -> N
 
 def all_committed(output: Path, message_ids_published: Iterable[str]) -> bool:
     return set(message_ids(output)) >= set(message_ids_published)
+
+
+def stop_once_all_committed(
+    daemon: DaemonProcess, output: Path, message_ids_published: Iterable[str], timeout_s: float
+) -> None:
+    """Wait until every published message is committed, then SIGTERM: the daemon must exit 0."""
+    expected = list(message_ids_published)
+    wait_for(lambda: all_committed(output, expected), timeout_s, "every message committed")
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(60) == 0, daemon.log_text()[-3000:]

@@ -27,7 +27,7 @@ from ingest.testing.daemon import (
     write_toml,
 )
 from ingest.testing.traffic import Message, stream
-from tests.daemon_support import all_committed, assert_exactly_once
+from tests.daemon_support import assert_exactly_once, stop_once_all_committed
 
 pytestmark = pytest.mark.slow
 
@@ -104,13 +104,7 @@ def test_sigkill_mid_stream_loses_and_duplicates_nothing(
                 time.sleep(rng.uniform(0.0, 0.1))
                 daemon.kill()
                 daemon.start()
-        wait_for(
-            lambda: all_committed(output, [m.message_id for m in messages]),
-            120,
-            "all messages committed",
-        )
-        daemon.signal(signal.SIGTERM)
-        assert daemon.wait(60) == 0, daemon.log_text()[-3000:]
+        stop_once_all_committed(daemon, output, [m.message_id for m in messages], 120)
     finally:
         daemon.kill()
     assert_exactly_once(output, [m.message_id for m in messages])
@@ -132,13 +126,7 @@ def test_broker_restart_mid_stream(
         broker.stop()
         broker.start()
         _publish_in_background(broker, certs, second).join(120)
-        wait_for(
-            lambda: all_committed(output, [m.message_id for m in first + second]),
-            120,
-            "all messages committed",
-        )
-        daemon.signal(signal.SIGTERM)
-        assert daemon.wait(60) == 0
+        stop_once_all_committed(daemon, output, [m.message_id for m in first + second], 120)
     finally:
         daemon.kill()
     assert_exactly_once(output, [m.message_id for m in first + second])

@@ -33,7 +33,13 @@ from ingest.testing.daemon import (
     write_toml,
 )
 from ingest.testing.traffic import Message, stream
-from tests.daemon_support import all_committed, assert_exactly_once, message_ids, read_table
+from tests.daemon_support import (
+    all_committed,
+    assert_exactly_once,
+    message_ids,
+    read_table,
+    stop_once_all_committed,
+)
 
 CONFIG = {"ingest": {"sink": "process"}, "output": {"flush_age_s": 0.3}}
 
@@ -162,13 +168,7 @@ def test_a_killed_sink_process_stops_the_daemon_and_the_restart_loses_nothing(
         _publish(broker, certs, second)
         daemon.start()
         wait_ready(tree)
-        wait_for(
-            lambda: all_committed(output, [m.message_id for m in first + second]),
-            60,
-            "every message committed",
-        )
-        daemon.signal(signal.SIGTERM)
-        assert daemon.wait(30) == 0, daemon.log_text()[-3000:]
+        stop_once_all_committed(daemon, output, [m.message_id for m in first + second], 60)
     finally:
         daemon.kill()
     assert_exactly_once(output, [m.message_id for m in first + second])
