@@ -45,7 +45,12 @@ def test_killed_daemon_appends_each_batch_once(
         broker,
         certs,
         tmp_path,
-        overrides={"output": {"flush_age_s": 0.3}, "iceberg": {"enabled": True}},
+        # At most 1,000 rows a batch, so the first run commits at least three whatever the
+        # timing: by age alone, a slow first append could gather all 4,000 messages into two.
+        overrides={
+            "output": {"flush_age_s": 0.3, "flush_rows": 1000},
+            "iceberg": {"enabled": True},
+        },
     )
     settings = Settings.model_validate(tree)
     output = tmp_path / "data"
