@@ -42,6 +42,7 @@ from ingest.mqtt import (
     MqttSession,
     ReceiveSession,
     StateHandler,
+    SubscriptionIds,
     SupervisedSession,
     classify_tls_failure,
     tls_context,
@@ -490,19 +491,26 @@ def make_session(
     pause_reading: Callable[[], bool] | None = None,
     client: str = "paho",
     filters: Callable[[], Sequence[str]] | None = None,
+    subscription_ids: SubscriptionIds | None = None,
 ) -> ReceiveSession:
     """The receive session ``[mqtt] client`` names: ``paho`` (default) or ``native``.
 
     Only the native session honours ``pause_reading``: paho reads whenever the socket is ready.
     Only paho takes ``filters`` (subscribed at connect instead of ``options.topic``, and
-    changeable while it runs).
+    changeable while it runs) and ``subscription_ids`` (MQTT 5).
     """
     if client == "native":
-        if filters is not None:
+        if filters is not None or subscription_ids is not None:
             raise ValueError("the native session subscribes options.topic only; use paho")
         return NativeMqttSession(
             options, on_message, on_state=on_state, pause_reading=pause_reading
         )
     if client == "paho":
-        return MqttSession(options, on_message, on_state=on_state, filters=filters)
+        return MqttSession(
+            options,
+            on_message,
+            on_state=on_state,
+            filters=filters,
+            subscription_ids=subscription_ids,
+        )
     raise ValueError(f'unknown MQTT client {client!r}; use "paho" or "native"')

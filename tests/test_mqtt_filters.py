@@ -10,7 +10,11 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from ingest.errors import BrokerError
 from ingest.mqtt import FILTERS_PER_PACKET, Delivery, FilterSession, MqttOptions, MqttSession
@@ -90,10 +94,16 @@ def sessions() -> Iterator[Callable[..., tuple[MqttSession, Inbox]]]:
     made: list[MqttSession] = []
 
     def make(
-        options: MqttOptions, filters: Callable[[], list[str]], *, channel: int = 0
+        options: MqttOptions,
+        filters: Callable[[], list[str]],
+        *,
+        channel: int = 0,
+        subscription_ids: Callable[[str], int | None] | None = None,
     ) -> tuple[MqttSession, Inbox]:
         inbox = Inbox()
-        session = MqttSession(options, inbox, filters=filters, channel=channel)
+        session = MqttSession(
+            options, inbox, filters=filters, channel=channel, subscription_ids=subscription_ids
+        )
         inbox.session = session
         made.append(session)
         session.start()
@@ -365,3 +375,73 @@ def test_subscribe_from_the_session_thread_is_a_programming_error(
         assert "another thread" in str(errors[0])
     finally:
         session.stop()
+
+
+def test_subscription_identifiers_travel_with_each_message(
+    tmp_path: Path,
+    certs: CertBundle,
+    sessions: Callable[..., tuple[MqttSession, Inbox]],
+    prefix: str,
+) -> None:
+    """MQTT 5: the identifier a filter was subscribed with is the one the broker stamps on each
+    message it routes through it; subscribing again replaces it, and a session subscribed anew
+    after the broker lost it (no persistence here) gets the identifiers back."""
+    identifiers = {prefix: 7}
+
+    def identifier_of(topic_filter: str) -> int | None:
+        return identifiers.get(topic_filter)
+
+    with MosquittoBroker(tmp_path / "volatile", certs, persistence=False) as volatile:
+        filters = Filters(prefix, f"{prefix}/VIN1/#")
+        session, inbox = sessions(
+            options_for(volatile, certs, "5"), filters, subscription_ids=identifier_of
+        )
+        session.wait_first_connection(DEADLINE_S)
+        assert session.subscribes == 2, "one SUBSCRIBE per identifier"
+        publish(volatile, certs, (prefix, b"first"), (f"{prefix}/VIN1/x/get/y", b"v1"))
+        inbox.wait_for(b"v1")
+        inbox.wait_for(b"first")
+
+        identifiers[prefix] = 9
+        session.subscribe([prefix])  # the same filter again: its identifier is replaced
+        publish(volatile, certs, (prefix, b"second"))
+        inbox.wait_for(b"second")
+
+        identifiers[prefix] = 11
+        volatile.restart()  # the session is gone: subscribed again at connect, with 11
+        wait_until(lambda: session.reconnects == 1 and session.subscribed.is_set(), "resubscribe")
+        publish(volatile, certs, (prefix, b"third"))
+        inbox.wait_for(b"third")
+
+    stamped = {payload: d.subscription for _, payload, d in inbox.items}
+    assert stamped == {b"first": 7, b"v1": 0, b"second": 9, b"third": 11}
+
+
+def test_subscription_identifiers_need_mqtt_5(broker: MosquittoBroker, certs: CertBundle) -> None:
+    with pytest.raises(ValueError, match="need MQTT 5"):
+        MqttSession(
+            options_for(broker, certs, "3.1.1"),
+            Inbox(),
+            filters=Filters(),
+            subscription_ids=lambda _: 1,
+        )
+
+
+def test_a_broker_without_subscription_identifiers_stops_the_session_with_the_fix(
+    broker: MosquittoBroker, certs: CertBundle
+) -> None:
+    """Mosquitto supports them, so the CONNACK of a broker that does not is handed to the
+    session's handler directly: the session must not go live and must say what to change."""
+    session = MqttSession(
+        options_for(broker, certs, "5"), Inbox(), filters=Filters(), subscription_ids=lambda _: 1
+    )
+    connack = Properties(PacketTypes.CONNACK)  # type: ignore[no-untyped-call]
+    connack.SubscriptionIdentifierAvailable = 0
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    flags = paho.ConnectFlags(session_present=False)
+    session._handle_connect(client, None, flags, ReasonCode(PacketTypes.CONNACK), connack)
+    assert not session.connected.is_set()
+    refusal = session._subscribe_refusal
+    assert refusal is not None
+    assert "does not support MQTT 5 subscription identifiers" in refusal
+    assert "protocol = '3.1.1'" in refusal
