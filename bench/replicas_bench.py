@@ -3,6 +3,7 @@
     python -m bench.replicas_bench [--replicas 3] [--messages 30000] [--vins 5000]
                                    [--rate 1500] [--kill follower|leader|follower-logged-unacked]
                                    [--lease-s 4] [--heartbeat-s 1] [--mode shared|vin]
+                                   [--protocol 3.1.1|5]
                                    [--scenario takeover|host-shutdown|resize|resize-r3-first]
 
 Starts a mutual-TLS Mosquitto, N ``hm-ingest run`` replicas (one SQLite coordination file, one
@@ -16,7 +17,9 @@ deleted on the broker. ``--mode vin``: per-VIN subscriptions by a hash over the 
 cleared at the HM emulator through the fleet file first (2 % of the stream are V2 envelopes on the
 application's topic); take-over is SIGKILL to the leader hosting the session, and the table adds
 the time the fleet took to be approved and subscribed, the restart-to-release time, and messages
-written by a replica that does not own their VIN. Not part of the test suite; the same scenarios
+written by a replica that does not own their VIN. ``--protocol 5`` (vin mode): half the stream
+are V2 envelopes, which every replica's session takes and keeps by VIN (their owner is their
+VIN's). Not part of the test suite; the same scenarios
 at a fixed size are ``tests/replica/test_replicas_daemon.py`` and
 ``tests/replica/test_vin_replicas.py``.
 
@@ -111,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heartbeat-s", type=positive("seconds"), default=1.0)
     parser.add_argument("--client", choices=["auto", "paho", "native"], default="auto")
     parser.add_argument("--mode", choices=["shared", "vin"], default="shared")
+    parser.add_argument("--protocol", choices=["3.1.1", "5"], default="3.1.1")
     parser.add_argument(
         "--scenario",
         choices=["takeover", "host-shutdown", "resize", "resize-r3-first"],
@@ -132,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             heartbeat_s=args.heartbeat_s,
             client=args.client,
             mode="vin" if args.scenario != "takeover" else args.mode,
+            protocol=args.protocol,
         )
         try:
             if args.scenario != "takeover":

@@ -34,7 +34,7 @@ from ingest.control import FleetControl
 from ingest.fleet.reconcile import SubscribedGate
 from ingest.health import HEARTBEAT_S, HealthState, stale
 from ingest.http import build_app, serve
-from ingest.intake import Intake, IntakeLimits
+from ingest.intake import Intake, IntakeLimits, Keep
 from ingest.metrics import Metrics
 from ingest.mqtt import (
     CAUSE_SESSION_PRESENT,
@@ -46,6 +46,7 @@ from ingest.mqtt import (
 from ingest.mqtt_native import make_session
 from ingest.pipeline import Pipeline, open_pipeline
 from ingest.replica.adopt import KeyOf, SessionAdopter, message_key_function
+from ingest.replica.envelopes import EnvelopeOwnership
 from ingest.replica.host import SessionHost
 from ingest.replica.runtime import ReplicaRuntime, open_replica_runtime
 from ingest.replica.shards import topic_prefix
@@ -148,6 +149,7 @@ class Daemon:
 
         intake = Intake(
             pipeline.wal,
+            keep=self._envelope_ownership(adopters),
             ack=ack,
             deliver=pipeline.sink.submit,
             limits=IntakeLimits.sized(
@@ -166,6 +168,11 @@ class Daemon:
             client=settings.receive_client,
             # VIN-sharded: what the session holds, subscribed again if the broker lost it.
             filters=own_sync.held if own_sync is not None else None,
+            subscription_ids=(
+                own_sync.subscription_id
+                if own_sync is not None and settings.spreads_envelopes
+                else None
+            ),
         )
         session_box.append(session)
         self._register_probes(intake, pipeline.sink, session)
@@ -358,7 +365,28 @@ class Daemon:
             vins=vins,
             interval_s=self.settings.replica.heartbeat_s,
             metrics=self.metrics,
+            envelopes=self.settings.spreads_envelopes,
         )
+
+    def _envelope_ownership(self, adopters: dict[int, SessionAdopter | SessionHost]) -> Keep | None:
+        """Which V2 envelopes are ours to log, when every session takes the V2 topic."""
+        runtime = self.replica
+        if runtime is None or not self.settings.spreads_envelopes:
+            return None
+        own = self.settings.replica.id
+
+        def member_of(channel: int) -> str | None:
+            if not channel:
+                return own
+            session = adopters.get(channel)
+            return session.replica if session is not None else None
+
+        return EnvelopeOwnership(
+            prefix=topic_prefix(self.settings.mqtt.resolved_topic),
+            member_of=member_of,
+            member_list=runtime.member_list,
+            max_payload_bytes=self.settings.ingest.max_payload_bytes,
+        ).keep
 
     def _subscribed_gate(self) -> SubscribedGate | None:
         """VIN-sharded mode: the leader registers a VIN at HM only once its topic has a
@@ -403,6 +431,7 @@ class Daemon:
                     key_of=key_of,
                     record_keys=lambda keys: runtime.call(coordinator.record_adopted, member, keys),
                     filters=sync.held,
+                    subscription_ids=sync.subscription_id if sharding.envelopes else None,
                 )
                 adopters[channel] = session_host
                 return session_host

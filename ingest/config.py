@@ -275,6 +275,13 @@ class Settings(_Section):
         which only the paho session does (the native one subscribes one topic at connect)."""
         return "paho" if self.replica.vin_sharded else self.mqtt.receive_client
 
+    @property
+    def spreads_envelopes(self) -> bool:
+        """VIN-sharded replicas spread V2 envelopes by VIN too: each session takes the V2 topic
+        under an MQTT 5 subscription identifier naming its rule (ingest.replica.envelopes).
+        Under MQTT 3.1.1 the V2 topic has one owner, which takes every envelope."""
+        return self.replica.vin_sharded and self.mqtt.protocol == "5"
+
     @model_validator(mode="after")
     def _vin_mode_needs_fleet_and_paho(self) -> Settings:
         if not self.replica.vin_sharded:

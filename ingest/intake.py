@@ -57,6 +57,8 @@ WRITE_RETRY_MAX_S = 5.0
 PAUSE_LOG_INTERVAL_S = 60.0
 
 _Received = tuple[int, str, bytes, Delivery]
+# keep(topic, payload, delivery): False for a message another session logs (intake thread).
+Keep = Callable[[str, bytes, Delivery], bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,13 +93,17 @@ class Intake:
         metrics: Metrics,
         committed_lsn: Callable[[], int],
         sink_backlog: Callable[[], int] | None = None,
+        keep: Keep | None = None,
         now_us: Callable[[], int] = lambda: time.time_ns() // 1000,
     ) -> None:
         """``deliver(first_lsn, entries)`` hands each logged group to the sink (records
         ``first_lsn``, ``first_lsn + 1``, ...: ``(received_at_us, topic, payload)`` each);
         ``committed_lsn`` reads the sink's last committed LSN, ``sink_backlog`` how many delivered
-        groups the sink has not taken yet (both may be called from any thread)."""
+        groups the sink has not taken yet (both may be called from any thread); ``keep`` says
+        whether a message is this daemon's to log at all (a V2 envelope of a VIN another
+        replica owns is not: it is acknowledged in its turn, unlogged)."""
         self._wal = wal
+        self._keep = keep
         self._ack = ack
         self._deliver = deliver
         self._limits = limits
@@ -188,8 +194,11 @@ class Intake:
 
     def _commit(self, group: list[_Received], stop: threading.Event) -> bool:
         """Make ``group`` durable, then ack it. False when stopped before it could be logged."""
-        entries = [(received_at, topic, payload) for received_at, topic, payload, _ in group]
-        first_lsn = self._append_when_possible(entries, stop)
+        if self._keep is None:
+            entries = [(received_at, topic, payload) for received_at, topic, payload, _ in group]
+        else:
+            entries = self._kept(group)
+        first_lsn = self._append_when_possible(entries, stop) if entries else 0
         if first_lsn is None:
             return False
         sent = 0
@@ -199,10 +208,30 @@ class Intake:
         self._metrics.messages_acked.inc(sent)
         self._metrics.messages_unacked.dec(len(group))
         # As plain tuples: the sink builds its records on its own thread (or process).
-        self._deliver(first_lsn, entries)
+        if entries:
+            self._deliver(first_lsn, entries)
         self._metrics.log_bytes.set(self._wal.size_bytes)
         self._metrics.log_segments.set(self._wal.segment_count)
         return True
+
+    def _kept(self, group: list[_Received]) -> list[tuple[int, str, bytes]]:
+        """The entries of ``group`` this daemon logs; the others are acknowledged unlogged."""
+        keep = self._keep
+        assert keep is not None
+        entries = []
+        for received_at, topic, payload, delivery in group:
+            try:
+                kept = keep(topic, payload, delivery)
+            except Exception:
+                # A doubt keeps the message: a duplicate can be removed, a loss cannot.
+                log.exception("cannot tell whether the message on %s is ours: logged", topic)
+                kept = True
+            if kept:
+                entries.append((received_at, topic, payload))
+        skipped = len(group) - len(entries)
+        if skipped:
+            self._metrics.envelopes_skipped.inc(skipped)
+        return entries
 
     @property
     def uncommitted_bytes(self) -> int:

@@ -176,3 +176,9 @@ class Metrics:
             "Topic filters this replica's own session holds (VIN-sharded mode)",
             registry=r,
         )
+        self.envelopes_skipped = Counter(
+            p + "replica_envelopes_skipped_total",
+            "V2 envelopes acknowledged without being logged because another replica's session "
+            "keeps their VIN's (VIN-sharded mode with MQTT 5; also in messages_received_total)",
+            registry=r,
+        )

@@ -27,6 +27,8 @@ from ingest.errors import ConfigError, CredentialError, IngestError, SinkError
 from ingest.fleet.apiclient import auth_settings
 from ingest.fleet.desired import load_desired_fleet
 from ingest.replica.coordination import DEFAULT_ROLE, Coordinator, Member, redact_url
+from ingest.replica.envelopes import RULE_RECORD, rules_of, settled
+from ingest.replica.shards import APP_TOPIC_KEY, owner
 from ingest.storage import OutputStore
 
 EXPIRY_WARNING = dt.timedelta(days=30)
@@ -296,7 +298,7 @@ def check_replica(settings: Settings) -> Iterator[Finding]:
             members = coordinator.members()
             leader = coordinator.leader(DEFAULT_ROLE)
             held = coordinator.subscriptions() if replica.vin_sharded else {}
-            published = coordinator.published_members() if replica.vin_sharded else None
+            lists = coordinator.member_lists() if replica.vin_sharded else {}
     except IngestError as exc:  # opened, then the reads failed (a dropped connection)
         yield Finding(Level.ERROR, "replica.coordination", str(exc))
         return
@@ -304,7 +306,9 @@ def check_replica(settings: Settings) -> Iterator[Finding]:
         Level.OK, "replica.coordination", f"{redact_url(url)}: {_group_summary(members, leader)}"
     )
     if replica.vin_sharded:
+        published = lists[max(lists)] if lists else None
         yield from _vin_mode_findings(replica.members, published, members, held)
+        yield _envelope_finding(settings, lists, held)
     same = [m for m in members if m.alive and m.replica == replica.id]
     if same:
         # Two pods with one id share one MQTT client id: the broker disconnects each in turn
@@ -329,12 +333,13 @@ def _vin_mode_findings(
     held: dict[str, set[str]],
 ) -> Iterator[Finding]:
     group = configured if published is None else published
-    sessions = {replica for holders in held.values() for replica in holders}
+    filters = {f: holders for f, holders in held.items() if not f.startswith(RULE_RECORD)}
+    sessions = {replica for holders in filters.values() for replica in holders}
     yield Finding(
         Level.OK,
         "replica.members",
         f"VIN-sharded over {len(group)} member(s) ({','.join(group)}, "
-        f"{'this replica' if published is None else 'the leader'}'s list); {len(held)} topic "
+        f"{'this replica' if published is None else 'the leader'}'s list); {len(filters)} topic "
         f"filter(s) held by {len(sessions)} session(s)",
     )
     if published is not None and published != configured:
@@ -356,6 +361,42 @@ def _vin_mode_findings(
             f"live member(s) {', '.join(strangers)} are not in the member list {group}: they "
             "own no VIN until a leader publishes a list with them",
         )
+
+
+def _envelope_finding(
+    settings: Settings, lists: dict[int, list[str]], held: dict[str, set[str]]
+) -> Finding:
+    """Who takes the V2 envelopes, and whether a member-list change is still settling."""
+    if not settings.spreads_envelopes:
+        group = lists[max(lists)] if lists else settings.replica.members
+        return Finding(
+            Level.OK,
+            "mqtt.protocol",
+            f"V2 envelopes (if the application streams V2) all go to one replica, "
+            f"{owner(APP_TOPIC_KEY, group)}, the V2 topic's owner: under MQTT 3.1.1 their topic "
+            "cannot be split; set [mqtt] protocol = '5' to spread them by VIN",
+        )
+    rules = rules_of(held)
+    if not lists:
+        return Finding(
+            Level.OK, "mqtt.protocol", "V2 envelopes spread by VIN once a leader publishes a list"
+        )
+    epoch = max(lists)
+    if settled(epoch, lists[epoch], rules):
+        return Finding(
+            Level.OK,
+            "mqtt.protocol",
+            f"V2 envelopes spread by VIN: every member of list {epoch} takes its VINs' share",
+        )
+    waiting = [m for m in lists[epoch] if m not in rules or not rules[m].covers(epoch)]
+    return Finding(
+        Level.WARN,
+        "mqtt.protocol",
+        f"the member list changed (list {epoch}) and {', '.join(waiting)} do not take V2 "
+        "envelopes by it yet: until they do, every session also keeps the envelopes the older "
+        "list gives it, so moved VINs' envelopes are written twice (start the replicas listed, "
+        "or finish the rolling change)",
+    )
 
 
 def _group_summary(members: list[Member], leader: str | None) -> str:

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from ingest import intake as intake_module
 from ingest.errors import LogError
-from ingest.intake import Intake, IntakeLimits
+from ingest.intake import Intake, IntakeLimits, Keep
 from ingest.metrics import Metrics
 from ingest.mqtt import Delivery
 from ingest.wal import Durability, LogRecord, WriteAheadLog
@@ -36,7 +36,11 @@ class Harness:
     """An intake thread on a real log; acks and hand-overs are recorded, commits are simulated."""
 
     def __init__(
-        self, wal: WriteAheadLog, committed: int = 0, limits: IntakeLimits | None = None
+        self,
+        wal: WriteAheadLog,
+        committed: int = 0,
+        limits: IntakeLimits | None = None,
+        keep: Keep | None = None,
     ) -> None:
         self.wal = wal
         self.committed = committed
@@ -50,6 +54,7 @@ class Harness:
             limits=limits or IntakeLimits(max_log_bytes=CAP),
             metrics=self.metrics,
             committed_lsn=lambda: self.committed,
+            keep=keep,
         )
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.intake.run, args=(self.stop,), daemon=True)
@@ -246,3 +251,47 @@ def test_logging_waits_while_the_sink_has_a_queue(wal: WriteAheadLog) -> None:
     finally:
         h.stop.set()
         h.thread.join(DEADLINE_S)
+
+
+def test_a_message_another_session_keeps_is_acked_in_its_turn_and_never_logged(
+    wal: WriteAheadLog,
+) -> None:
+    """A V2 envelope whose VIN another replica owns (keep says no) is acknowledged with its
+    group, in receipt order, but neither logged nor handed to the sink; a keep that fails keeps
+    the message."""
+
+    def keep(topic: str, payload: bytes, delivery: Delivery) -> bool:
+        if delivery.mid == 6:
+            raise RuntimeError("cannot tell")
+        return delivery.mid % 3 != 0
+
+    harness = Harness(wal, keep=keep)
+    harness.thread.start()
+    try:
+        harness.submit(9)
+        wait_until(lambda: len(harness.acked) == 9, "every message acknowledged")
+        harness.submit(3)  # a group of mids 10, 11, 12, of which 12 is not ours
+        wait_until(lambda: len(harness.acked) == 12, "the next group")
+    finally:
+        harness.stop.set()
+        harness.thread.join(DEADLINE_S)
+    assert [d.mid for d in harness.acked] == list(range(1, 13)), "receipt order, all of them"
+    kept = [mid for mid in range(1, 13) if mid % 3 != 0 or mid == 6]  # 6: in doubt, kept
+    assert len(harness.delivered) == len(kept) == 9
+    assert [r.lsn for r in harness.delivered] == list(range(1, 10)), "no gap in the log"
+    assert wal.next_lsn == 10
+    skipped = harness.metrics.envelopes_skipped._value.get()  # type: ignore[attr-defined]
+    assert skipped == 3
+
+
+def test_a_group_of_messages_none_of_which_is_ours_logs_nothing(wal: WriteAheadLog) -> None:
+    harness = Harness(wal, keep=lambda _topic, _payload, _delivery: False)
+    harness.thread.start()
+    try:
+        harness.submit(5)
+        wait_until(lambda: len(harness.acked) == 5, "every message acknowledged")
+    finally:
+        harness.stop.set()
+        harness.thread.join(DEADLINE_S)
+    assert harness.delivered == []
+    assert wal.next_lsn == 1

@@ -621,6 +621,46 @@ def test_vin_mode_reports_the_groups_list_held_filters_and_disagreements(tmp_pat
     assert "live member(s) r7 are not in the member list" in stranger.message
 
 
+def test_vin_mode_says_who_takes_the_v2_envelopes(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/c.sqlite3"
+
+    def settings(protocol: str) -> Settings:
+        return Settings.model_validate(
+            {
+                "mqtt": {"app_id": "app", "protocol": protocol},
+                "output": {"path": str(tmp_path / "out")},
+                "state": {"path": str(tmp_path / "state")},
+                "fleet": {"enabled": True},
+                "replica": {
+                    "id": "r0",
+                    "coordination": url,
+                    "mode": "vin",
+                    "members": ["r0", "r1"],
+                },
+            }
+        )
+
+    [one_owner] = at(list(check_replica(settings("3.1.1"))), Level.OK, "mqtt.protocol")
+    assert "all go to one replica" in one_owner.message
+    assert "set [mqtt] protocol = '5'" in one_owner.message
+
+    with Coordinator.open(url, replica="r0", lease_s=LEASE_S) as r0:
+        assert r0.try_lead()
+        assert r0.publish_members(["r0", "r1"])
+        r0.record_subscribed("r0", ["v2-envelopes:1-1", "live/level13/app/V1/#"])
+        r0.record_subscribed("r1", ["v2-envelopes:1-1"])
+    [spread] = at(list(check_replica(settings("5"))), Level.OK, "mqtt.protocol")
+    assert "spread by VIN: every member of list 1" in spread.message
+    [ok] = at(list(check_replica(settings("5"))), Level.OK, "replica.members")
+    assert "1 topic filter(s) held by 1 session(s)" in ok.message, "rules are not filters"
+
+    with Coordinator.open(url, replica="r0", lease_s=LEASE_S) as r0:
+        assert r0.publish_members(["r0", "r1", "r2"])
+        r0.replace_subscribed("r0", ["v2-envelopes:1-1"], ["v2-envelopes:1-2"])
+    [settling] = at(list(check_replica(settings("5"))), Level.WARN, "mqtt.protocol")
+    assert "(list 2) and r1, r2 do not take V2 envelopes by it yet" in settling.message
+
+
 @pytest.mark.parametrize(
     ("coordination", "expected"),
     [

@@ -53,7 +53,8 @@ MEANINGS: dict[str, str] = {
     "mqtt.key_file": ("Unencrypted PEM private key of `mqtt.cert_file`. Required to start."),
     "mqtt.protocol": (
         "MQTT protocol version. 3.1.1 keeps the session with clean session off; 5 uses "
-        "clean start off plus `session_expiry_s` and `receive_maximum`."
+        "clean start off plus `session_expiry_s` and `receive_maximum`; VIN-sharded replicas "
+        "spread V2 envelopes by VIN only under 5 ([docs/scaling.md](docs/scaling.md))."
     ),
     "mqtt.client": (
         "MQTT receive client. `auto` (default): `native` for MQTT 3.1.1, `paho` for 5. "

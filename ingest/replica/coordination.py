@@ -21,7 +21,8 @@ They coordinate through one small database, SQLite (replicas on one host) or Pos
   since when; one that stays away for a lease is given an expired row and hosted.
 * ``hm_replica_settings`` (VIN-sharded mode): the member list the leader publishes; every
   replica hashes over it, so a rolling change of ``[replica] members`` flips the whole group at
-  once (when a replica with the new list leads) instead of leaving replicas that disagree.
+  once (when a replica with the new list leads) instead of leaving replicas that disagree. Each
+  list published is also kept under its epoch (``members@<n>``), which V2 envelope rules name.
 * ``hm_replica_returns`` (VIN-sharded mode): there a drain is a *hosting* that lasts until the
   member comes back; its refused ``try_join`` records a request here, which the host sees in
   ``renew_hosting`` and answers by handing the session back (``finish_drain``).
@@ -222,6 +223,25 @@ class _Dialect:
     transient: tuple[type[Exception], ...]  # errors worth retrying: connection, lock timeout
     errors: tuple[type[Exception], ...]  # every error the driver raises
     is_lost: Callable[[Any], bool]  # the connection is unusable: open a new one
+
+
+# hm_replica_settings names of the published member lists by epoch: members@1, members@2, ...
+_MEMBERS_AT = "members@"
+
+
+def _member_lists(tx: _Tx) -> dict[int, list[str]]:
+    rows = tx.all("SELECT name, value FROM hm_replica_settings")  # a handful of rows
+    lists: dict[int, list[str]] = {}
+    current: list[str] | None = None
+    for name, value in rows:
+        members = [m for m in str(value).split(",") if m]
+        if name == "members":
+            current = members
+        elif str(name).startswith(_MEMBERS_AT) and str(name)[len(_MEMBERS_AT) :].isdigit():
+            lists[int(str(name)[len(_MEMBERS_AT) :])] = members
+    if current is not None and not lists:
+        lists[1] = current  # published before lists had epochs: that one is the first
+    return lists
 
 
 def redact_url(url: str) -> str:
@@ -516,6 +536,15 @@ class Coordinator:
                     [(replica, f) for f in filters],
                 )
 
+    def replace_subscribed(self, replica: str, old: Sequence[str], new: Sequence[str]) -> None:
+        """In one transaction: ``replica``'s session no longer holds ``old`` but holds ``new``."""
+        with self._write("replace subscriptions") as tx:
+            tx.many(
+                "DELETE FROM hm_replica_subscriptions WHERE replica = ? AND topic_filter = ?",
+                [(replica, f) for f in old],
+            )
+            tx.many(_INSERT_SUBSCRIPTION, [(replica, f) for f in new])
+
     def mark_leaving(self, replica: str, filters: Sequence[str]) -> list[str]:
         """Of ``filters``, those ``replica``'s session may now UNSUBSCRIBE, marked as leaving.
 
@@ -573,6 +602,22 @@ class Coordinator:
             held.setdefault(topic_filter, set()).add(replica)
         return held
 
+    def subscriptions_starting(self, prefix: str) -> dict[str, set[str]]:
+        """The recorded filters (or records) that start with ``prefix``, and who holds each."""
+        # A range, not LIKE: "%" and "_" in the prefix would be wildcards.
+        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        with self._read("read subscriptions") as tx:
+            rows = tx.all(
+                "SELECT topic_filter, replica FROM hm_replica_subscriptions "
+                "WHERE topic_filter >= ? AND topic_filter < ?",
+                prefix,
+                upper,
+            )
+        held: dict[str, set[str]] = {}
+        for topic_filter, replica in rows:
+            held.setdefault(topic_filter, set()).add(replica)
+        return held
+
     def publish_members(self, members: Sequence[str], role: str = DEFAULT_ROLE) -> bool:
         """As the holder of ``role``, make ``members`` the group's member list; False (and no
         change) when I do not hold it."""
@@ -585,16 +630,28 @@ class Coordinator:
             )
             if lease is None:
                 return False
-            tx.run(_UPSERT_SETTING, "members", ",".join(members))
+            value = ",".join(members)
+            lists = _member_lists(tx)
+            if lists and lists[max(lists)] == list(members):
+                return True
+            # Each new list gets the next epoch, kept for good: a V2 envelope rule names the
+            # epochs it judges by (ingest.replica.envelopes), and a backlog may hold old ones.
+            epoch = max(lists, default=0) + 1
+            if epoch == 2:  # the first list may predate epochs: keep it as 1
+                tx.run(_UPSERT_SETTING, f"{_MEMBERS_AT}1", ",".join(lists[1]))
+            tx.run(_UPSERT_SETTING, f"{_MEMBERS_AT}{epoch}", value)
+            tx.run(_UPSERT_SETTING, "members", value)
             return True
 
     def published_members(self) -> list[str] | None:
         """The member list the leader published, or None before any was."""
+        lists = self.member_lists()
+        return lists[max(lists)] if lists else None
+
+    def member_lists(self) -> dict[int, list[str]]:
+        """Every member list the leader published, by epoch (1, 2, ...); the newest is in force."""
         with self._read("read members") as tx:
-            row = tx.one("SELECT value FROM hm_replica_settings WHERE name = ?", "members")
-        if row is None:
-            return None
-        return [m for m in str(row[0]).split(",") if m]
+            return _member_lists(tx)
 
     # -- leader leases ------------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ from ingest.mqtt import (
     MessageHandler,
     MqttOptions,
     MqttSession,
+    SubscriptionIds,
     is_connection_loss,
 )
 from ingest.replica.adopt import KeyOf
@@ -66,15 +67,22 @@ class SessionHost:
         key_of: KeyOf,
         record_keys: Callable[[list[str]], None],
         filters: Callable[[], Sequence[str]],
+        subscription_ids: SubscriptionIds | None = None,
     ) -> None:
         """``options`` carry the lost replica's client id; ``filters`` what its session should
-        hold (subscribed only if the broker no longer has the session)."""
+        hold (subscribed only if the broker no longer has the session), ``subscription_ids``
+        the identifier of each (its V2 envelope rule)."""
         self.replica = replica
         self._submit = submit
         self._key_of = key_of
         self._record_keys = record_keys
         self._session = MqttSession(
-            options, self._on_message, on_state=self._on_state, filters=filters, channel=channel
+            options,
+            self._on_message,
+            on_state=self._on_state,
+            filters=filters,
+            channel=channel,
+            subscription_ids=subscription_ids,
         )
         # Guards everything below; _changed is notified whenever _durable, _keys or _ended move.
         self._lock = threading.Lock()

@@ -53,6 +53,9 @@ class ReplicaRuntime:
         # The group's list: the leader's (published in the coordination database), so replicas
         # whose configurations differ during a rolling change still agree on every VIN's owner.
         self.members = list(members)
+        # Every list the leader published, by epoch, and the epoch of ``members`` (0: none yet).
+        self.member_lists: dict[int, list[str]] = {}
+        self.epoch = 0
         self._metrics = metrics
         self.replica = coordinator.replica
         self.role = Role()
@@ -164,14 +167,18 @@ class ReplicaRuntime:
         leader too) hashes over the published one."""
         if not self.configured_members:
             return
-        published = await self._call(self.coordinator.published_members)
+        lists = await self._call(self.coordinator.member_lists)
+        published = lists[max(lists)] if lists else None
         # A write only when the list changes, not one per heartbeat.
         if (
             self.role.leader
             and published != self.configured_members
             and await self._call(self.coordinator.publish_members, self.configured_members)
         ):
-            published = self.configured_members
+            lists = await self._call(self.coordinator.member_lists)
+            published = lists[max(lists)]
+        if lists:
+            self.member_lists, self.epoch = lists, max(lists)
         if published is None or published == self.members:
             return
         log.warning(
@@ -183,6 +190,17 @@ class ReplicaRuntime:
             else f"; this replica's [replica] members is {','.join(self.configured_members)}",
         )
         self.members = published
+
+    def member_list(self, epoch: int) -> list[str] | None:
+        """The member list of ``epoch``, read from the database if this replica has not seen it
+        yet (any thread); None if it does not exist or the database cannot be read now."""
+        members = self.member_lists.get(epoch)
+        if members is None and epoch > self.epoch:
+            try:
+                members = self.call(self.coordinator.member_lists).get(epoch)
+            except IngestError as exc:
+                log.warning("replica %s: member list %d not read: %s", self.replica, epoch, exc)
+        return members
 
     def _set_leader(self, leading: bool) -> None:
         if leading == self.role.leader:

@@ -4,7 +4,8 @@ The stream is split by subscription instead of by the broker (for brokers withou
 subscriptions). The unit is a VIN: V1 messages arrive on ``<prefix>/<vin>/...``, so one topic
 filter ``<prefix>/<vin>/#`` carries all of one vehicle's data. V2 envelopes arrive on the exact
 topic ``<prefix>`` with no VIN in it; that topic is one more unit (the empty key), so it belongs
-to one replica.
+to one replica, unless every replica takes it and keeps its VINs' share
+(:mod:`ingest.replica.envelopes`, MQTT 5).
 
 Owners come from rendezvous (highest random weight) hashing over the configured member list:
 every replica computes the same owner from the same names, with no coordination, and adding or
@@ -54,18 +55,26 @@ def vin_filter(prefix: str, vin: str) -> str:
     return f"{prefix}/{vin}/#"
 
 
-def filters_of(member: str, members: Sequence[str], prefix: str, vins: Iterable[str]) -> set[str]:
-    """The topic filters ``member`` subscribes for ``vins`` (plus the V2 topic if it is its)."""
+def filters_of(
+    member: str,
+    members: Sequence[str],
+    prefix: str,
+    vins: Iterable[str],
+    *,
+    app_topic: bool = True,
+) -> set[str]:
+    """The topic filters ``member`` subscribes for ``vins``, plus the V2 topic if it is its
+    (``app_topic``; without, every session takes the V2 topic: ingest.replica.envelopes)."""
     group = tuple(members)
     owned = {
-        vin_filter(prefix, vin) for vin in vins if _usable(vin) and owner(vin, group) == member
+        vin_filter(prefix, vin) for vin in vins if usable_vin(vin) and owner(vin, group) == member
     }
-    if owner(APP_TOPIC_KEY, group) == member:
+    if app_topic and owner(APP_TOPIC_KEY, group) == member:
         owned.add(prefix)
     return owned
 
 
-def _usable(vin: str) -> bool:
+def usable_vin(vin: str) -> bool:
     # A VIN is one topic level; one with a wildcard or separator could not be subscribed alone
     # (the clearance API would not have accepted it: this is belt and braces).
     return bool(vin) and _NOT_ONE_LEVEL.search(vin) is None

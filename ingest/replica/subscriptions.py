@@ -9,7 +9,10 @@ hosts (:mod:`ingest.replica.host`). :meth:`SubscriptionSync.step` runs every hea
 2. the filters its member owns (:func:`ingest.replica.shards.filters_of`);
 3. SUBSCRIBE the missing ones, then record them in the coordination database. The leader
    registers a VIN at HM only once its filter is recorded, so its first message has a subscriber;
-4. UNSUBSCRIBE a filter this member no longer owns (the member list changed) only once another
+4. with ``envelopes`` (MQTT 5), before the rest: the V2 topic with this session's envelope rule
+   (:mod:`ingest.replica.envelopes`), widened on a new member list and narrowed once every
+   member's session covers it; without, the V2 topic is one more filter with one owner;
+5. UNSUBSCRIBE a filter this member no longer owns (the member list changed) only once another
    session has recorded it: the new owner subscribes first. Dropping it first would open a gap
    in which the broker discards that VIN's messages; the overlap instead delivers a message
    published in it to both sessions (see docs/scaling.md). Whether it may go is decided and
@@ -28,6 +31,7 @@ from ingest.errors import ConfigError
 from ingest.fleet.desired import load_desired_fleet
 from ingest.mqtt import FilterSession
 from ingest.replica.coordination import Coordinator
+from ingest.replica.envelopes import RULE_RECORD, EnvelopeRule, next_rule, rules_of
 from ingest.replica.runtime import ReplicaRuntime
 from ingest.replica.shards import filters_of, vin_filter
 
@@ -73,29 +77,73 @@ class SubscriptionSync:
         prefix: str,
         runtime: ReplicaRuntime,
         vins: Callable[[], set[str] | frozenset[str]],
+        envelopes: bool = False,
     ) -> None:
         """``member``: whose session (this replica, or the one hosted); ``members``: the group's
-        member list now (the leader's, :attr:`ReplicaRuntime.members`); ``vins``: the VINs."""
+        member list now (the leader's, :attr:`ReplicaRuntime.members`); ``vins``: the VINs;
+        ``envelopes``: every session takes the V2 topic under an envelope rule (MQTT 5)."""
         self.member = member
         self._members = members
         self._prefix = prefix
         self._runtime = runtime
         self._coordinator = runtime.coordinator
         self._vins = vins
-        # The filters the session holds as recorded, and those of them it is leaving (loaded
-        # on first use).
+        self._envelopes = envelopes
+        # The filters the session holds as recorded (with its envelope rule's record), and those
+        # of them it is leaving (loaded on first use).
         self._held: set[str] | None = None
         self._leaving: set[str] = set()
+        # The envelope rule of a SUBSCRIBE in progress: the identifier it goes out with.
+        self._rule_sent: EnvelopeRule | None = None
 
     def held(self) -> list[str]:
         """What the session holds: subscribed again when the broker lost the session."""
+        records = self._records()
+        held = {f for f in records if not f.startswith(RULE_RECORD)}
+        if self._rule_sent is not None or self.rule() is not None:
+            held.add(self._prefix)
+        return sorted(held)
+
+    def _records(self) -> set[str]:
+        # Replaced, never changed in place: the session thread reads it (held() at a reconnect,
+        # subscription_id() for each SUBSCRIBE) while a step runs on another thread.
         if self._held is None:
             self._held = self._runtime.call(self._coordinator.subscribed, self.member)
             self._leaving = self._runtime.call(self._coordinator.leaving, self.member)
-        return sorted(self._held)
+        return self._held
+
+    def rule(self) -> EnvelopeRule | None:
+        """The envelope rule the session holds the V2 topic with (envelopes mode), or None.
+
+        A V2 topic held without one (the topic's single owner before rules: a configuration
+        that just moved to MQTT 5) keeps every envelope until its rule is set.
+        """
+        if not self._envelopes:
+            return None
+        records = self._records()
+        for record in records:
+            if (rule := EnvelopeRule.from_record(record)) is not None:
+                return rule
+        if self._prefix in records:
+            return EnvelopeRule(0, max(self._runtime.epoch, 1))
+        return None
+
+    def subscription_id(self, topic_filter: str) -> int | None:
+        """The Subscription Identifier to subscribe ``topic_filter`` with (session thread too)."""
+        if topic_filter != self._prefix:
+            return None
+        rule = self._rule_sent or self.rule()
+        return rule.identifier if rule is not None else None
 
     def desired(self) -> set[str]:
-        return filters_of(self.member, self._members(), self._prefix, self._vins())
+        """The filters this member owns (without the V2 topic in envelopes mode: see rule())."""
+        return filters_of(
+            self.member,
+            self._members(),
+            self._prefix,
+            self._vins(),
+            app_topic=not self._envelopes,
+        )
 
     def step(self, session: FilterSession) -> SyncReport:
         """One reconciliation of ``session``'s subscriptions (blocking: run it in a thread).
@@ -103,7 +151,11 @@ class SubscriptionSync:
         Raises BrokerError when the session cannot subscribe now (the next step retries), or
         CoordinationError when the database is unreachable.
         """
+        if self._envelopes:
+            self._step_envelopes(session)
         held = set(self.held())
+        if self._envelopes:
+            held.discard(self._prefix)  # the envelope rule's, never surplus
         desired = self.desired()
         # A filter it was leaving and owns again (the member list changed back) is subscribed
         # again too: its UNSUBSCRIBE may have gone out already.
@@ -111,8 +163,8 @@ class SubscriptionSync:
         if missing:
             session.subscribe(missing)
             self._runtime.call(self._coordinator.record_subscribed, self.member, missing)
+            self._held = self._records() | set(missing)
             held.update(missing)
-            self._held = held
             self._leaving.difference_update(missing)
             log.info(
                 "replica %s: subscribed %d topic filter(s) (%d held)",
@@ -128,8 +180,7 @@ class SubscriptionSync:
             self._leaving.update(leaving)
             session.unsubscribe(leaving)
             self._runtime.call(self._coordinator.forget_subscribed, self.member, leaving)
-            held.difference_update(leaving)
-            self._held = held
+            self._held = self._records() - set(leaving)
             self._leaving.difference_update(leaving)
             log.info(
                 "replica %s: unsubscribed %d topic filter(s) their new owner now holds",
@@ -140,6 +191,43 @@ class SubscriptionSync:
             subscribed=len(missing),
             unsubscribed=len(leaving),
             awaiting_new_owner=len(surplus) - len(leaving),
+        )
+
+    def _step_envelopes(self, session: FilterSession) -> None:
+        """Bring the session's envelope rule to what the group's member lists ask for."""
+        epoch = self._runtime.epoch
+        members = self._runtime.member_lists.get(epoch)
+        if not epoch or members is None:
+            return  # no list published yet: the leader publishes one at its first heartbeat
+        current = self.rule()
+        rules = rules_of(self._runtime.call(self._coordinator.subscriptions_starting, RULE_RECORD))
+        wanted = next_rule(self.member, current, epoch, members, rules)
+        records = self._records()
+        stale = sorted(r for r in records if r == self._prefix or r.startswith(RULE_RECORD))
+        if wanted is None:
+            if stale:
+                session.unsubscribe([self._prefix])
+                self._runtime.call(self._coordinator.replace_subscribed, self.member, stale, [])
+                self._held = records - set(stale)
+                log.info("replica %s: no longer takes V2 envelopes", self.member)
+            return
+        if stale == [wanted.record]:
+            return
+        # Until it is recorded, a reconnect that finds no session subscribes the new rule too.
+        self._rule_sent = wanted
+        try:
+            # Replaces the subscription (and its identifier) if the session holds the topic.
+            session.subscribe([self._prefix])
+            self._runtime.call(
+                self._coordinator.replace_subscribed, self.member, stale, [wanted.record]
+            )
+            self._held = (records - set(stale)) | {wanted.record}
+        finally:
+            self._rule_sent = None
+        log.info(
+            "replica %s: takes the V2 envelopes of its VINs by member list(s) %s",
+            self.member,
+            f"{wanted.lo}..{wanted.hi}" if wanted.lo != wanted.hi else wanted.hi,
         )
 
 

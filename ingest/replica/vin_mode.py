@@ -45,6 +45,8 @@ class VinSharding:
     vins: Callable[[], set[str] | frozenset[str]]
     interval_s: float
     metrics: Metrics
+    # Every session takes the V2 topic and keeps its VINs' envelopes (ingest.replica.envelopes).
+    envelopes: bool = False
 
     def sync_for(self, member: str) -> SubscriptionSync:
         return SubscriptionSync(
@@ -53,6 +55,7 @@ class VinSharding:
             prefix=self.prefix,
             runtime=self.runtime,
             vins=self.vins,
+            envelopes=self.envelopes,
         )
 
     async def keep_subscriptions(

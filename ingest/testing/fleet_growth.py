@@ -23,7 +23,6 @@ from ingest.testing.daemon import APP_ID, wait_for
 from ingest.testing.publish import Publisher
 from ingest.testing.replicas import (
     FLEET_READY_TIMEOUT_S,
-    VIN_MODE_V2_FRACTION,
     ReplicaGroup,
     messages_per_replica,
     routing,
@@ -131,7 +130,7 @@ def run_fleet_growth(
     group.wait_fleet_ready(initial, FLEET_READY_TIMEOUT_S)
     progress(f"{group.count} replicas ready on {vins} VINs; adding {added}")
     background = stream(
-        APP_ID, 10**9, vehicles=vins, v2_fraction=VIN_MODE_V2_FRACTION, seed=13, prefix="b"
+        APP_ID, 10**9, vehicles=vins, v2_fraction=group.v2_fraction, seed=13, prefix="b"
     )
     tracker = _AddedVins(new)
     with Publisher(group.broker, group.certs, timeout_s=120) as publisher:

@@ -14,8 +14,9 @@ Two modes, as ``[replica] mode``:
   from the clearance state, so the group also runs the HM emulator (:mod:`.fleet_emulator`) and
   writes the fleet file the leader adds VINs from; the leader *hosts* a lost replica's session
   until it comes back and asks for it. The proof then also checks the routing: every message is
-  written by the owner of its VIN (the V2 topic's owner for a V2 envelope) or, for the lost
-  replica's VINs, by whoever hosted its session.
+  written by the owner of its VIN (for a V2 envelope: the V2 topic's owner under MQTT 3.1.1, its
+  VIN's owner under MQTT 5, where every session takes the topic) or, for the lost replica's VINs,
+  by whoever hosted its session.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Any, Literal, Self
 import pyarrow.parquet as pq
 
 from ingest.replica.coordination import Coordinator
+from ingest.replica.envelopes import EnvelopeRule, envelope_key, rules_of
 from ingest.replica.shards import APP_TOPIC_KEY, filters_of, owner
 from ingest.testing.accounting import Tally, payload_message_id, tally
 from ingest.testing.broker import MosquittoBroker
@@ -63,6 +65,8 @@ RELEASED_LINE = "released the session of replica {replica}"
 # The V2 topic carries every vehicle's envelopes and belongs to one replica in vin mode: a small
 # share keeps that replica's load near the others' while still proving the topic is covered.
 VIN_MODE_V2_FRACTION = 0.02
+# Under MQTT 5 the envelopes are spread by VIN like the rest: a large share proves it.
+SPREAD_V2_FRACTION = 0.5
 # Generous: thousands of VINs are added at HM (100 per request) and subscribed (by three
 # replicas) on a 2-core machine shared with other work.
 FLEET_READY_TIMEOUT_S = 180.0
@@ -85,6 +89,7 @@ class ReplicaGroup:
     # Variables for one replica's first start only (by index): a fault point that crashes it.
     first_start_env: dict[int, dict[str, str]] = field(default_factory=dict)
     mode: Mode = "shared"
+    protocol: Literal["3.1.1", "5"] = "3.1.1"
     # vin mode: the desired fleet at start (the fleet file), the emulator's pending → approved
     # delay and the fleet control loop's interval.
     fleet_vins: list[str] = field(default_factory=list)
@@ -114,6 +119,18 @@ class ReplicaGroup:
     def topic_prefix(self) -> str:
         """``live/level13/<app>``: the V2 topic, and the parent of every per-VIN topic."""
         return f"{ENVIRONMENT}/{LEVEL}/{APP_ID}"
+
+    @property
+    def spreads_envelopes(self) -> bool:
+        """Every session takes the V2 topic and keeps its VINs' envelopes (vin mode, MQTT 5)."""
+        return self.mode == "vin" and self.protocol == "5"
+
+    @property
+    def v2_fraction(self) -> float:
+        """The share of V2 envelopes in the scenarios' streams."""
+        if self.mode != "vin":
+            return 0.0
+        return SPREAD_V2_FRACTION if self.spreads_envelopes else VIN_MODE_V2_FRACTION
 
     def replica_id(self, index: int) -> str:
         return f"r{index}"
@@ -168,7 +185,7 @@ class ReplicaGroup:
 
     def _overrides(self, index: int) -> dict[str, dict[str, Any]]:
         overrides: dict[str, dict[str, Any]] = {
-            "mqtt": {"client": self.client},
+            "mqtt": {"client": self.client, "protocol": self.protocol},
             "output": {"path": str(self.output), "flush_age_s": 0.5},
             "replica": {
                 "id": self.replica_id(index),
@@ -247,8 +264,13 @@ class ReplicaGroup:
         return owner(self.unit_of(message), self.members)
 
     def unit_of(self, message: Message) -> str:
-        """The VIN of a per-VIN topic, or the V2 topic's key (its topic names no VIN)."""
-        return APP_TOPIC_KEY if message.topic == self.topic_prefix else message.vin
+        """The VIN of a per-VIN topic; for a V2 envelope the V2 topic's key (its topic names no
+        VIN), or, when every session takes the topic, the VIN the envelope names."""
+        if message.topic != self.topic_prefix:
+            return message.vin
+        if self.spreads_envelopes:
+            return envelope_key(message.payload, max_payload_bytes=1 << 30)
+        return APP_TOPIC_KEY
 
     def add_to_fleet(self, vins: Iterable[str]) -> None:
         """Append ``vins`` to the fleet file: the leader adds them at HM on its next cycle."""
@@ -274,12 +296,31 @@ class ReplicaGroup:
         by no session, by another session than its owner's, or by several."""
         held = self.subscriptions()
         problems = []
+        spread = self.spreads_envelopes
         for member in self.members:
-            for topic_filter in sorted(filters_of(member, self.members, self.topic_prefix, vins)):
+            owned = filters_of(member, self.members, self.topic_prefix, vins, app_topic=not spread)
+            for topic_filter in sorted(owned):
                 holders = held.get(topic_filter, set())
                 if holders != {member}:
                     problems.append(f"{topic_filter} held by {sorted(holders)}, owner {member}")
+        if spread:
+            # Every session takes the V2 topic by the list in force alone once it has settled.
+            lists = self.member_lists()
+            rules = rules_of(held)
+            for member in self.members:
+                if not lists or rules.get(member) != EnvelopeRule.of(max(lists)):
+                    problems.append(
+                        f"{member}'s V2 envelope rule is {rules.get(member)}, not list "
+                        f"{max(lists, default=0)} alone"
+                    )
         return problems
+
+    def member_lists(self) -> dict[int, list[str]]:
+        """The member lists the leader published, by epoch."""
+        with Coordinator.open(
+            self.coordination_url, replica="observer", lease_s=self.lease_s
+        ) as coordinator:
+            return coordinator.member_lists()
 
     def wait_fleet_ready(self, vins: Sequence[str], timeout_s: float) -> float:
         """Wait until HM approved every one of ``vins``, each VIN's (and the V2 topic's) filter
@@ -435,8 +476,7 @@ def run_takeover(
 ) -> TakeoverReport:
     """The scenario described in the module docstring; the group is started here."""
     vin_mode = group.mode == "vin"
-    v2_fraction = VIN_MODE_V2_FRACTION if vin_mode else 0.0
-    traffic = list(stream(APP_ID, messages, vehicles=vins, v2_fraction=v2_fraction, seed=11))
+    traffic = list(stream(APP_ID, messages, vehicles=vins, v2_fraction=group.v2_fraction, seed=11))
     before, during, after = (
         traffic[: messages // 3],
         traffic[messages // 3 : 2 * messages // 3],

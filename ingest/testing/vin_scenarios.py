@@ -40,7 +40,6 @@ from ingest.testing.replicas import (
     FLEET_READY_TIMEOUT_S,
     HOSTING_LINE,
     RELEASED_LINE,
-    VIN_MODE_V2_FRACTION,
     ReplicaGroup,
     writers,
 )
@@ -70,7 +69,7 @@ class PacedStream:
         self._group = group
         self._rate = rate
         self._messages = stream(
-            APP_ID, 10**9, vehicles=vins, v2_fraction=VIN_MODE_V2_FRACTION, seed=seed, prefix="s"
+            APP_ID, 10**9, vehicles=vins, v2_fraction=group.v2_fraction, seed=seed, prefix="s"
         )
         # (monotonic time the broker acknowledged the slice, the slice)
         self.slices: list[tuple[float, list[Message]]] = []

@@ -223,6 +223,43 @@ def test_only_the_leader_publishes_the_member_list(open_coordinator: Any) -> Non
     assert b.published_members() == ["a"]
 
 
+def test_each_published_list_keeps_its_epoch(open_coordinator: Any) -> None:
+    a, b = open_coordinator("a"), open_coordinator("b")
+    assert b.member_lists() == {}
+    assert a.try_lead()
+    assert a.publish_members(["a", "b"])
+    assert a.publish_members(["a", "b"]), "the same list again: no new epoch"
+    assert a.publish_members(["a", "b", "c"])
+    assert b.member_lists() == {1: ["a", "b"], 2: ["a", "b", "c"]}
+    assert a.publish_members(["a", "b"]), "back to an earlier list: a new epoch all the same"
+    assert b.member_lists() == {1: ["a", "b"], 2: ["a", "b", "c"], 3: ["a", "b"]}
+    assert b.published_members() == ["a", "b"]
+
+
+def test_a_list_published_before_epochs_is_epoch_one(open_coordinator: Any) -> None:
+    a = open_coordinator("a")
+    assert a.try_lead()
+    with a._write("an older release's publish") as tx:
+        tx.run("INSERT INTO hm_replica_settings (name, value) VALUES (?, ?)", "members", "a,b")
+    assert a.member_lists() == {1: ["a", "b"]}
+    assert a.publish_members(["a", "b", "c"])
+    assert a.member_lists() == {1: ["a", "b"], 2: ["a", "b", "c"]}
+
+
+def test_records_by_prefix_and_replaced_in_one_step(open_coordinator: Any) -> None:
+    a = open_coordinator("a")
+    a.record_subscribed("a", ["p/V1/#", "v2-envelopes:1-1"])
+    a.record_subscribed("b", ["v2-envelopes:1-2", "p"])
+    assert a.subscriptions_starting("v2-envelopes:") == {
+        "v2-envelopes:1-1": {"a"},
+        "v2-envelopes:1-2": {"b"},
+    }
+    a.replace_subscribed("b", ["v2-envelopes:1-2", "p"], ["v2-envelopes:2-2"])
+    assert a.subscribed("b") == {"v2-envelopes:2-2"}
+    assert a.subscribed("a") == {"p/V1/#", "v2-envelopes:1-1"}
+    assert a.subscriptions_starting("p/") == {"p/V1/#": {"a"}}
+
+
 # -- hosting (VIN-sharded mode) ------------------------------------------------------------------
 
 

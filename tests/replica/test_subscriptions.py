@@ -14,6 +14,7 @@ import pytest
 
 from ingest.errors import BrokerError
 from ingest.replica.coordination import Coordinator
+from ingest.replica.envelopes import RULE_RECORD, EnvelopeRule
 from ingest.replica.runtime import ReplicaRuntime
 from ingest.replica.shards import filters_of, owner, vin_filter
 from ingest.replica.subscriptions import DesiredVins, SubscriptionSync, subscribed_vins
@@ -220,3 +221,109 @@ def test_every_replica_hashes_over_the_leaders_member_list(tmp_path: Path) -> No
     finally:
         new.coordinator.close()
         old.coordinator.close()
+
+
+class IdentifiedSession(RecordingSession):
+    """Also records the Subscription Identifier each filter went out with, as a real session
+    asks its ``subscription_ids`` while it sends the SUBSCRIBE."""
+
+    def __init__(self, sync: SubscriptionSync) -> None:
+        super().__init__()
+        self.sync = sync
+        self.identifiers: dict[str, int | None] = {}
+
+    def subscribe(self, filters: Sequence[str], timeout_s: float = 10.0) -> None:
+        super().subscribe(filters, timeout_s)
+        self.identifiers.update({f: self.sync.subscription_id(f) for f in filters})
+
+
+def test_envelope_rules_widen_on_a_new_list_and_narrow_once_every_member_covers_it(
+    runtimes: dict[str, ReplicaRuntime],
+) -> None:
+    leader = runtimes["r0"]
+    assert leader.coordinator.try_lead()
+    leader.role.leader = True
+    for runtime in runtimes.values():
+        asyncio.run(runtime.follow_members())
+    syncs, sessions = {}, {}
+    for name in ("r0", "r1", "r2", "r3"):
+        runtime = runtimes[name]
+        syncs[name] = SubscriptionSync(
+            member=name,
+            members=lambda runtime=runtime: runtime.members,  # type: ignore[misc]
+            prefix=PREFIX,
+            runtime=runtime,
+            vins=lambda: VINS,
+            envelopes=True,
+        )
+        sessions[name] = IdentifiedSession(syncs[name])
+
+    def step(*names: str) -> None:
+        for name in names:
+            syncs[name].step(sessions[name])
+
+    step("r0", "r1", "r2", "r3")
+    one = EnvelopeRule.of(1)
+    for name in ("r0", "r1", "r2"):
+        assert syncs[name].rule() == one
+        assert sessions[name].identifiers[PREFIX] == one.identifier
+        assert PREFIX in syncs[name].held(), "subscribed again at connect with the rest"
+        assert PREFIX not in syncs[name].desired(), "the V2 topic is not one member's filter"
+    assert syncs["r3"].rule() is None, "not in the list: takes no envelope"
+    assert PREFIX not in sessions["r3"].filters
+
+    # The leader is configured with r3 too: list 2. r0 widens at once, r1 and r2 lag behind.
+    leader.configured_members = ["r0", "r1", "r2", "r3"]
+    asyncio.run(leader.follow_members())
+    step("r0")
+    assert syncs["r0"].rule() == EnvelopeRule(1, 2)
+    for name in ("r1", "r2", "r3"):
+        asyncio.run(runtimes[name].follow_members())
+    step("r1", "r3")
+    assert syncs["r3"].rule() == EnvelopeRule.of(2), "a new session: the list in force"
+    assert syncs["r1"].rule() == EnvelopeRule(1, 2), "r2 does not cover list 2 yet"
+    step("r0", "r1")
+    assert syncs["r0"].rule() == syncs["r1"].rule() == EnvelopeRule(1, 2)
+    step("r2")  # the last member of list 2 to cover it: widened, and now it is settled
+    step("r0", "r1", "r2")
+    for name in ("r0", "r1", "r2", "r3"):
+        assert syncs[name].rule() == EnvelopeRule.of(2), name
+        assert sessions[name].identifiers[PREFIX] == EnvelopeRule.of(2).identifier
+    recorded = runtimes["r3"].coordinator.subscriptions_starting(RULE_RECORD)
+    assert recorded == {EnvelopeRule.of(2).record: {"r0", "r1", "r2", "r3"}}
+
+
+def test_a_v2_topic_held_before_rules_keeps_every_envelope_until_it_has_one(
+    runtimes: dict[str, ReplicaRuntime],
+) -> None:
+    """The V2 topic's single owner under MQTT 3.1.1, restarted under MQTT 5: its plain
+    subscription is read as a rule that keeps all, and replaced once the list is settled."""
+    leader = runtimes["r0"]
+    assert leader.coordinator.try_lead()
+    leader.role.leader = True
+    asyncio.run(leader.follow_members())
+    leader.coordinator.record_subscribed("r0", [PREFIX])
+    sync = SubscriptionSync(
+        member="r0",
+        members=lambda: leader.members,
+        prefix=PREFIX,
+        runtime=leader,
+        vins=lambda: VINS,
+        envelopes=True,
+    )
+    assert sync.rule() == EnvelopeRule(0, 1)
+    session = IdentifiedSession(sync)
+    sync.step(session)  # r1 and r2 hold no rule yet: r0 keeps everything meanwhile
+    keep_all = EnvelopeRule(0, 1)
+    assert sync.rule() == keep_all
+    assert session.calls[0] == ("subscribe", [PREFIX]), "the same filter, now with a rule"
+    assert session.identifiers[PREFIX] == keep_all.identifier
+    assert leader.coordinator.subscriptions_starting(RULE_RECORD) == {keep_all.record: {"r0"}}
+    leader.coordinator.record_subscribed("r1", [EnvelopeRule.of(1).record])
+    leader.coordinator.record_subscribed("r2", [EnvelopeRule.of(1).record])
+    sync.step(session)
+    assert sync.rule() == EnvelopeRule.of(1)
+    assert session.identifiers[PREFIX] == EnvelopeRule.of(1).identifier
+    assert leader.coordinator.subscribed("r0") >= {EnvelopeRule.of(1).record}
+    assert PREFIX not in leader.coordinator.subscribed("r0"), "the plain record is replaced"
+    assert ("unsubscribe", [PREFIX]) not in session.calls, "never let go of the topic"
