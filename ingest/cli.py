@@ -19,12 +19,13 @@ import pyarrow as pa
 
 from ingest import __version__, compact, fleet_cli, gc_tuning
 from ingest.app import run_daemon
+from ingest.broker_probe import broker_findings
 from ingest.config import Settings, load_settings
 from ingest.demo import cli as demo_cli
 from ingest.emulator import cli as emulator_cli
 from ingest.errors import ConfigError, CredentialError, IngestError
 from ingest.logs import configure
-from ingest.preflight import Level, errors, run_checks
+from ingest.preflight import Finding, Level, errors, run_checks
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -62,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="validate settings and credentials before a deploy (exit 0 ok, 1 not)"
     )
     _add_config(check)
+    check.add_argument(
+        "--broker",
+        action="store_true",
+        help="also connect to the broker (client id <client_id>-check, nothing left behind) and "
+        "report what it offers: the topic's ACL, MQTT 5, subscription identifiers, shared "
+        "subscriptions",
+    )
     check.set_defaults(handler=_cmd_check)
 
     _add_emulator_command(commands)
@@ -97,6 +105,13 @@ def _configure_logging(args: argparse.Namespace, settings: Settings | None) -> N
 def _cmd_check(args: argparse.Namespace) -> int:
     settings = _settings(args)
     findings = run_checks(settings)
+    if args.broker:
+        if any(f.level == Level.ERROR and f.key.startswith("mqtt.") for f in findings):
+            findings.append(
+                Finding(Level.ERROR, "mqtt.host", "not asked: fix the [mqtt] errors above first")
+            )
+        else:
+            findings.extend(broker_findings(settings))
     for finding in findings:
         print(finding)
     failed = sum(1 for f in findings if f.level == Level.ERROR)
