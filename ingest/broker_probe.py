@@ -99,6 +99,7 @@ class _Probe:
         self._deadline = time.monotonic() + timeout_s
         self._connack: tuple[ReasonCode, Properties | None] | None = None
         self._subacks: dict[int, list[ReasonCode]] = {}
+        self._closed = False  # the broker hung up
 
     def run(self, filters: Sequence[str]) -> BrokerReport:
         options = self._options
@@ -154,7 +155,13 @@ class _Probe:
         return mid
 
     def _await_connack(self, client: paho.Client) -> Properties | None:
-        self._loop_until(client, lambda: self._connack is not None, "CONNACK")
+        try:
+            self._loop_until(client, lambda: self._connack is not None, "CONNACK")
+        except BrokerError:
+            if self._protocol == "5" and self._closed:
+                # Some 3.1.1-only brokers hang up on an MQTT 5 CONNECT instead of answering.
+                raise _Mqtt5Refused from None
+            raise
         assert self._connack is not None
         reason, connack = self._connack
         if reason.is_failure:
@@ -182,9 +189,12 @@ class _Probe:
                 )
             rc = client.loop(LOOP_SLICE_S)
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS and not done():
+                self._closed = True
                 raise BrokerError(
                     f"the connection to {self._options.host}:{self._options.port} closed while "
-                    f"waiting for its {what} ({paho.error_string(rc)})",
+                    f"waiting for its {what} ({paho.error_string(rc)}); a broker that rejects "
+                    "the client certificate hangs up like this (the other checks above test "
+                    "the files, not whether the broker accepts them)",
                     retriable=True,
                 )
 
