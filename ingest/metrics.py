@@ -176,6 +176,12 @@ class Metrics:
             "Topic filters this replica's own session holds (VIN-sharded mode)",
             registry=r,
         )
+        self.envelope_rule_lists = Gauge(
+            p + "replica_envelope_rule_lists",
+            "Member lists this replica's own session keeps V2 envelopes by: 1 when settled, more "
+            "while a member-list change settles, 0 when it takes none (VIN-sharded mode, MQTT 5)",
+            registry=r,
+        )
         self.envelopes_skipped = Counter(
             p + "replica_envelopes_skipped_total",
             "V2 envelopes acknowledged without being logged because another replica's session "

@@ -66,6 +66,8 @@ class VinSharding:
             try:
                 await asyncio.to_thread(sync.step, session)
                 self.metrics.topic_filters.set(len(sync.held()))
+                rule = sync.rule()
+                self.metrics.envelope_rule_lists.set(0 if rule is None else rule.hi - rule.lo + 1)
             except IngestError as exc:
                 # Not connected right now, or the database is away: the next round retries.
                 log.warning("subscriptions not brought in step yet, retrying: %s", exc)

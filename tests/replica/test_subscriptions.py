@@ -11,13 +11,16 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from ingest.errors import BrokerError
+from ingest.metrics import Metrics
 from ingest.replica.coordination import Coordinator
 from ingest.replica.envelopes import RULE_RECORD, EnvelopeRule
 from ingest.replica.runtime import ReplicaRuntime
 from ingest.replica.shards import filters_of, owner, vin_filter
 from ingest.replica.subscriptions import DesiredVins, SubscriptionSync, subscribed_vins
+from ingest.replica.vin_mode import VinSharding
 
 PREFIX = "live/level13/app-1"
 VINS = {f"VIN{n:014d}" for n in range(300)}
@@ -327,3 +330,39 @@ def test_a_v2_topic_held_before_rules_keeps_every_envelope_until_it_has_one(
     assert leader.coordinator.subscribed("r0") >= {EnvelopeRule.of(1).record}
     assert PREFIX not in leader.coordinator.subscribed("r0"), "the plain record is replaced"
     assert ("unsubscribe", [PREFIX]) not in session.calls, "never let go of the topic"
+
+
+def test_the_rule_gauge_counts_the_lists_a_session_keeps_envelopes_by(
+    runtimes: dict[str, ReplicaRuntime],
+) -> None:
+    leader = runtimes["r0"]
+    assert leader.coordinator.try_lead()
+    leader.role.leader = True
+    asyncio.run(leader.follow_members())
+    metrics = Metrics(CollectorRegistry())
+    sharding = VinSharding(
+        runtime=leader,
+        prefix=PREFIX,
+        vins=lambda: VINS,
+        interval_s=0.05,
+        metrics=metrics,
+        envelopes=True,
+    )
+    sync = sharding.sync_for("r0")
+    session = RecordingSession()
+
+    def lists_after_a_few_steps() -> float:
+        async def run() -> None:
+            stop = asyncio.Event()
+            task = asyncio.create_task(sharding.keep_subscriptions(sync, session, stop))
+            await asyncio.sleep(0.2)
+            stop.set()
+            await task
+
+        asyncio.run(run())
+        return float(metrics.envelope_rule_lists._value.get())  # type: ignore[attr-defined]
+
+    assert lists_after_a_few_steps() == 1
+    leader.configured_members = ["r0", "r1", "r2", "r3"]
+    asyncio.run(leader.follow_members())
+    assert lists_after_a_few_steps() == 2, "r1..r3 do not cover list 2: widened"
