@@ -20,17 +20,17 @@ import secrets
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from ingest.config import Settings
 from ingest.errors import BrokerError, IngestError
-from ingest.mqtt import MqttOptions, classify_tls_failure, tls_context
+from ingest.mqtt import MqttOptions, classify_tls_failure, manual_ack_client, tls_context
 from ingest.preflight import Finding, Level
 from ingest.session_options import mqtt_options
 
@@ -46,6 +46,8 @@ CONNACK_FEATURES = (
 )
 LOOP_SLICE_S = 0.05
 
+MqttVersion = Literal["3.1.1", "5"]
+
 
 @dataclass(frozen=True, slots=True)
 class Subscription:
@@ -58,7 +60,7 @@ class Subscription:
 
 @dataclass(frozen=True, slots=True)
 class BrokerReport:
-    protocol: str  # "5", or "3.1.1" when the broker refused MQTT 5
+    protocol: MqttVersion  # "5", or "3.1.1" when the broker refused MQTT 5
     client_id: str
     # CONNACK's announcements (MQTT 5): feature → available, and its Maximum QoS (2 if absent).
     features: dict[str, bool] = field(default_factory=dict)
@@ -93,7 +95,7 @@ class _Mqtt5Refused(Exception):
 class _Probe:
     """One connection's worth of questions, answered on the caller's thread (paho's loop())."""
 
-    def __init__(self, options: MqttOptions, protocol: str, timeout_s: float) -> None:
+    def __init__(self, options: MqttOptions, protocol: MqttVersion, timeout_s: float) -> None:
         self._options = options
         self._protocol = protocol
         self._deadline = time.monotonic() + timeout_s
@@ -102,18 +104,11 @@ class _Probe:
         self._closed = False  # the broker hung up
 
     def run(self, filters: Sequence[str]) -> BrokerReport:
-        options = self._options
+        options = replace(self._options, protocol=self._protocol)
         v5 = self._protocol == "5"
-        client = paho.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=options.client_id,
-            clean_session=None if v5 else True,
-            protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
-            reconnect_on_failure=False,
-        )
-        client.tls_set_context(tls_context(options))
-        if not options.verify_hostname:
-            client.tls_insecure_set(True)
+        # Clean: MQTT 3.1.1's flag here, MQTT 5's clean start at the first connect (paho's
+        # default); its QoS 0 subscriptions leave nothing to acknowledge.
+        client = manual_ack_client(options, tls_context(options), clean=True)
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
         properties = None

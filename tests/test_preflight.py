@@ -584,11 +584,11 @@ def test_another_live_member_with_this_id_is_a_warning(tmp_path: Path) -> None:
     assert at(restarted, Level.WARN, "replica.id") == []
 
 
-def test_vin_mode_reports_the_groups_list_held_filters_and_disagreements(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path}/c.sqlite3"
-    settings = Settings.model_validate(
+def _vin_settings(tmp_path: Path, url: str, protocol: str = "3.1.1") -> Settings:
+    """Replica r0 of a VIN-sharded group r0, r1 coordinated through ``url``."""
+    return Settings.model_validate(
         {
-            "mqtt": {"app_id": "app"},
+            "mqtt": {"app_id": "app", "protocol": protocol},
             "output": {"path": str(tmp_path / "out")},
             "state": {"path": str(tmp_path / "state")},
             "fleet": {"enabled": True},
@@ -600,6 +600,11 @@ def test_vin_mode_reports_the_groups_list_held_filters_and_disagreements(tmp_pat
             },
         }
     )
+
+
+def test_vin_mode_reports_the_groups_list_held_filters_and_disagreements(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/c.sqlite3"
+    settings = _vin_settings(tmp_path, url)
     _member(url, "r1")
     with Coordinator.open(url, replica="r1", lease_s=LEASE_S) as r1:
         r1.record_subscribed("r1", ["live/level13/app/V1/#", "live/level13/app/V2/#"])
@@ -625,20 +630,7 @@ def test_vin_mode_says_who_takes_the_v2_envelopes(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/c.sqlite3"
 
     def settings(protocol: str) -> Settings:
-        return Settings.model_validate(
-            {
-                "mqtt": {"app_id": "app", "protocol": protocol},
-                "output": {"path": str(tmp_path / "out")},
-                "state": {"path": str(tmp_path / "state")},
-                "fleet": {"enabled": True},
-                "replica": {
-                    "id": "r0",
-                    "coordination": url,
-                    "mode": "vin",
-                    "members": ["r0", "r1"],
-                },
-            }
-        )
+        return _vin_settings(tmp_path, url, protocol)
 
     [one_owner] = at(list(check_replica(settings("3.1.1"))), Level.OK, "mqtt.protocol")
     assert "all go to one replica" in one_owner.message

@@ -226,6 +226,14 @@ def test_every_replica_hashes_over_the_leaders_member_list(tmp_path: Path) -> No
         old.coordinator.close()
 
 
+def _leading(runtime: ReplicaRuntime) -> ReplicaRuntime:
+    """``runtime`` as the group's leader, its configured member list published (list 1)."""
+    assert runtime.coordinator.try_lead()
+    runtime.role.leader = True
+    asyncio.run(runtime.follow_members())
+    return runtime
+
+
 class IdentifiedSession(RecordingSession):
     """Also records the Subscription Identifier each filter went out with, as a real session
     asks its ``subscription_ids`` while it sends the SUBSCRIBE."""
@@ -243,9 +251,7 @@ class IdentifiedSession(RecordingSession):
 def test_envelope_rules_widen_on_a_new_list_and_narrow_once_every_member_covers_it(
     runtimes: dict[str, ReplicaRuntime],
 ) -> None:
-    leader = runtimes["r0"]
-    assert leader.coordinator.try_lead()
-    leader.role.leader = True
+    leader = _leading(runtimes["r0"])
     for runtime in runtimes.values():
         asyncio.run(runtime.follow_members())
     syncs, sessions = {}, {}
@@ -301,10 +307,7 @@ def test_a_v2_topic_held_before_rules_keeps_every_envelope_until_it_has_one(
 ) -> None:
     """The V2 topic's single owner under MQTT 3.1.1, restarted under MQTT 5: its plain
     subscription is read as a rule that keeps all, and replaced once the list is settled."""
-    leader = runtimes["r0"]
-    assert leader.coordinator.try_lead()
-    leader.role.leader = True
-    asyncio.run(leader.follow_members())
+    leader = _leading(runtimes["r0"])
     leader.coordinator.record_subscribed("r0", [PREFIX])
     sync = SubscriptionSync(
         member="r0",
@@ -335,10 +338,7 @@ def test_a_v2_topic_held_before_rules_keeps_every_envelope_until_it_has_one(
 def test_the_rule_gauge_counts_the_lists_a_session_keeps_envelopes_by(
     runtimes: dict[str, ReplicaRuntime],
 ) -> None:
-    leader = runtimes["r0"]
-    assert leader.coordinator.try_lead()
-    leader.role.leader = True
-    asyncio.run(leader.follow_members())
+    leader = _leading(runtimes["r0"])
     metrics = Metrics(CollectorRegistry())
     sharding = VinSharding(
         runtime=leader,

@@ -23,40 +23,21 @@ import pytest
 
 from ingest.testing.broker import MosquittoBroker
 from ingest.testing.certs import CertBundle
-from ingest.testing.replicas import ReplicaGroup
 from ingest.testing.vin_scenarios import describe_phases, run_host_shutdown, run_resize
+from tests.replica.vin_group import HEARTBEAT_S, LEASE_S, vin_group
 
 pytestmark = pytest.mark.slow
 
-LEASE_S = 4.0
-HEARTBEAT_S = 1.0
 VINS = 2_000
 RATE = 500.0
 # The paced stream publishes every 50 ms; a pause this long means the broker stalled it.
 MAX_STREAM_GAP_S = 1.0
 
 
-def _group(
-    broker: MosquittoBroker,
-    certs: CertBundle,
-    tmp_path: Path,
-    protocol: Literal["3.1.1", "5"] = "3.1.1",
-) -> ReplicaGroup:
-    return ReplicaGroup(
-        broker,
-        certs,
-        tmp_path,
-        lease_s=LEASE_S,
-        heartbeat_s=HEARTBEAT_S,
-        mode="vin",
-        protocol=protocol,
-    )
-
-
 def test_a_leader_shut_down_while_hosting_hands_the_session_on_without_loss(
     broker: MosquittoBroker, certs: CertBundle, tmp_path: Path
 ) -> None:
-    with _group(broker, certs, tmp_path) as group:
+    with vin_group(broker, certs, tmp_path) as group:
         report = run_host_shutdown(group, vins=VINS, rate=RATE)
     print(
         f"\n{report.vins} VINs, {report.published} messages; fleet ready in "
@@ -101,7 +82,7 @@ def test_growing_from_three_to_four_members_loses_nothing_and_moves_every_vin(
     r3: str,
     protocol: Literal["3.1.1", "5"],
 ) -> None:
-    with _group(broker, certs, tmp_path, protocol) as group:
+    with vin_group(broker, certs, tmp_path, protocol) as group:
         report = run_resize(group, vins=VINS, rate=RATE, new_member_first=r3 == "first")
     print(
         f"\n{report.vins} VINs, {report.published} messages; fleet ready in "

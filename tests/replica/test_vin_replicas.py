@@ -28,29 +28,10 @@ import pytest
 from ingest.testing.broker import MosquittoBroker
 from ingest.testing.certs import CertBundle
 from ingest.testing.fleet_growth import run_fleet_growth
-from ingest.testing.replicas import Kill, ReplicaGroup, run_takeover
+from ingest.testing.replicas import Kill, run_takeover
+from tests.replica.vin_group import HEARTBEAT_S, LEASE_S, vin_group
 
 pytestmark = pytest.mark.slow
-
-LEASE_S = 4.0
-HEARTBEAT_S = 1.0
-
-
-def _group(
-    broker: MosquittoBroker,
-    certs: CertBundle,
-    tmp_path: Path,
-    protocol: Literal["3.1.1", "5"] = "3.1.1",
-) -> ReplicaGroup:
-    return ReplicaGroup(
-        broker,
-        certs,
-        tmp_path,
-        lease_s=LEASE_S,
-        heartbeat_s=HEARTBEAT_S,
-        mode="vin",
-        protocol=protocol,
-    )
 
 
 # A plain follower kill under MQTT 3.1.1 is the bench's (python -m bench.replicas_bench --mode
@@ -68,7 +49,7 @@ def test_vin_sharded_replicas_write_every_message_once_and_host_a_killed_one(
     kill: Kill,
     protocol: Literal["3.1.1", "5"],
 ) -> None:
-    with _group(broker, certs, tmp_path, protocol) as group:
+    with vin_group(broker, certs, tmp_path, protocol) as group:
         report = run_takeover(group, messages=9_000, vins=2_400, rate=1_500.0, kill=kill)
     print(
         f"\n{report.replicas} replicas, {report.vins} VINs, {report.published} messages; "
@@ -110,7 +91,7 @@ def test_vin_sharded_replicas_write_every_message_once_and_host_a_killed_one(
 def test_vins_added_to_the_fleet_file_lose_nothing_from_their_first_message(
     broker: MosquittoBroker, certs: CertBundle, tmp_path: Path
 ) -> None:
-    with _group(broker, certs, tmp_path) as group:
+    with vin_group(broker, certs, tmp_path) as group:
         report = run_fleet_growth(group, vins=1_200, added=300, rate=600.0)
     print(
         f"\n{report.replicas} replicas, {report.initial_vins} VINs + {report.added_vins} added; "
