@@ -50,6 +50,7 @@ from ingest.mqtt import (
     MessageHandler,
     MqttOptions,
     manual_ack_client,
+    matched_subscription,
     tls_context,
 )
 from ingest.wal import LogRecord
@@ -293,7 +294,12 @@ class SessionAdopter:
         self._outstanding[message.mid] = self._key_of(message.topic, payload)
         self._messages += 1
         self._last_message_at = time.monotonic()
-        self._submit(message.topic, payload, Delivery(1, message.mid, message.qos, self._channel))
+        # With its subscription identifier: a V2 envelope queued for a retired VIN-sharded
+        # replica is then kept only if that replica's rule gave it the envelope.
+        delivery = Delivery(
+            1, message.mid, message.qos, self._channel, matched_subscription(message)
+        )
+        self._submit(message.topic, payload, delivery)
 
 
 def message_key_function(app_id: str | None, max_payload_bytes: int) -> KeyOf:

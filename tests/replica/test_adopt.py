@@ -76,15 +76,20 @@ def _connect(client: paho.Client, options: MqttOptions, *, clean: bool) -> None:
         client.connect(options.host, options.port)
 
 
-def _leave_a_session(options: MqttOptions) -> None:
-    """Join the shared subscription with a persistent session, then disconnect."""
+def _leave_a_session(options: MqttOptions, identifier: int | None = None) -> None:
+    """Join the shared subscription with a persistent session (MQTT 5: with ``identifier`` as
+    its subscription identifier), then disconnect."""
     client, connected, _ = _client(options, clean=False)
     _connect(client, options, clean=False)
     client.loop_start()
     assert connected.wait(10)
     subscribed = threading.Event()
     client.on_subscribe = lambda *_args: subscribed.set()
-    client.subscribe(options.topic, qos=1)
+    properties = None
+    if identifier is not None:
+        properties = Properties(PacketTypes.SUBSCRIBE)
+        properties.SubscriptionIdentifier = identifier
+    client.subscribe(options.topic, qos=1, properties=properties)
     assert subscribed.wait(10)
     client.disconnect()
     client.loop_stop()
@@ -112,6 +117,7 @@ class Pipeline:
 
     def __init__(self) -> None:
         self.received: list[tuple[str, bytes]] = []
+        self.subscriptions: set[int] = set()  # the deliveries' subscription identifiers
         self.recorded: list[str] = []
         self.acked_after_record = True
         self.adopter: SessionAdopter | None = None
@@ -119,6 +125,7 @@ class Pipeline:
     def submit(self, topic: str, payload: bytes, delivery: Delivery) -> None:
         assert delivery.channel == 7
         self.received.append((topic, payload))
+        self.subscriptions.add(delivery.subscription)
         adopter = self.adopter
         assert adopter is not None
         threading.Timer(0.01, adopter.ack, (delivery,)).start()
@@ -132,7 +139,10 @@ def test_adopter_takes_every_queued_message_records_its_key_and_deletes_the_sess
     broker: MosquittoBroker, certs: CertBundle, protocol: str
 ) -> None:
     options = _options(broker, certs, protocol)
-    _leave_a_session(options)
+    # MQTT 5: the lost session subscribed with an identifier (a VIN-sharded replica's envelope
+    # rule); each delivery must carry it, so intake judges the envelope by that rule.
+    identifier = 16385 if protocol == "5" else None
+    _leave_a_session(options, identifier)
     messages = list(stream(APP_ID, 300, vehicles=40, seed=3))
     with Publisher(broker, certs) as publisher:
         publisher.publish_many([(m.topic, m.payload) for m in messages])
@@ -154,6 +164,7 @@ def test_adopter_takes_every_queued_message_records_its_key_and_deletes_the_sess
     assert report.session_present
     assert report.messages == 300
     assert sorted(p for _, p in pipeline.received) == sorted(m.payload for m in messages)
+    assert pipeline.subscriptions == {identifier or 0}
     # The sink keys V1/V2 messages by message_id: those are what a returning replica skips.
     assert sorted(pipeline.recorded) == sorted(m.message_id for m in messages)
     assert not _session_left(options)
