@@ -169,6 +169,19 @@ class EnvelopeOwnership:
         self._member_of = member_of
         self._member_list = member_list
         self._max_payload_bytes = max_payload_bytes
+        self._warned_unstamped = False
+
+    def _warn_unstamped(self, delivery: Delivery) -> None:
+        if self._warned_unstamped:
+            return
+        self._warned_unstamped = True
+        log.warning(
+            "a V2 envelope arrived without a subscription identifier (session of %s): it is "
+            "kept, as is every such envelope, so other replicas may write it too. Expected for "
+            "envelopes queued before this group used envelope rules; if it goes on, the broker "
+            "does not stamp identifiers: set [mqtt] protocol = '3.1.1' (logged once)",
+            self._member_of(delivery.channel) or f"channel {delivery.channel}",
+        )
 
     def keep(self, topic: str, payload: bytes, delivery: Delivery) -> bool:
         """False only for a V2 envelope another member's session keeps by this rule.
@@ -176,7 +189,10 @@ class EnvelopeOwnership:
         In doubt (no rule on the delivery, an unknown channel or epoch) it keeps the message:
         a duplicate can be removed when reading, a dropped message cannot be had back.
         """
-        if topic != self._prefix or not delivery.subscription:
+        if topic != self._prefix:
+            return True
+        if not delivery.subscription:
+            self._warn_unstamped(delivery)
             return True
         rule = EnvelopeRule.from_identifier(delivery.subscription)
         member = self._member_of(delivery.channel)

@@ -94,6 +94,18 @@ def test_a_widened_rule_keeps_what_either_list_gives() -> None:
         assert keep(PREFIX, envelope(vin), delivery(widened)) == either
 
 
+def test_an_envelope_without_an_identifier_is_kept_and_said_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    keep = ownership({0: "r0"}).keep
+    vin = next(v for v in VINS if owner(v, LISTS[1]) != "r0")
+    with caplog.at_level("WARNING", logger="ingest.replica.envelopes"):
+        assert keep(PREFIX, envelope(vin), delivery(None))
+        assert keep(PREFIX, envelope(vin), delivery(None))
+    [warning] = caplog.records
+    assert "without a subscription identifier (session of r0)" in warning.getMessage()
+
+
 def test_in_doubt_a_message_is_kept() -> None:
     keep = ownership({0: "r0"}).keep
     vin = next(v for v in VINS if owner(v, LISTS[1]) != "r0")
