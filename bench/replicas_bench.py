@@ -4,7 +4,8 @@
                                    [--rate 1500] [--kill follower|leader|follower-logged-unacked]
                                    [--lease-s 4] [--heartbeat-s 1] [--mode shared|vin]
                                    [--protocol 3.1.1|5]
-                                   [--scenario takeover|host-shutdown|resize|resize-r3-first]
+                                   [--scenario takeover|host-shutdown|resize|resize-r3-first|
+                                               shrink]
 
 Starts a mutual-TLS Mosquitto, N ``hm-ingest run`` replicas (one SQLite coordination file, one
 output folder), publishes ``--messages`` across ``--vins`` VINs at ``--rate``, SIGKILLs one replica
@@ -23,10 +24,10 @@ VIN's). Not part of the test suite; the same scenarios
 at a fixed size are ``tests/replica/test_replicas_daemon.py`` and
 ``tests/replica/test_vin_replicas.py``.
 
-``--scenario host-shutdown|resize|resize-r3-first`` runs a scenario of
-``ingest.testing.vin_scenarios`` instead (vin mode, 3 replicas, ``--vins``, ``--rate``, the lease
-options; the stream lasts as long as the scenario) and prints its figures phase by phase:
-``tests/replica/test_vin_handovers.py`` at other sizes.
+``--scenario host-shutdown|resize|resize-r3-first|shrink`` runs a scenario of
+``ingest.testing.vin_scenarios`` instead (vin mode, 3 replicas, 4 for the shrink to 3, ``--vins``,
+``--rate``, the lease options, ``--protocol``; the stream lasts as long as the scenario) and prints
+its figures phase by phase: ``tests/replica/test_vin_handovers.py`` at other sizes.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from ingest.testing.vin_scenarios import (
     describe_phases,
     run_host_shutdown,
     run_resize,
+    run_shrink,
 )
 
 
@@ -86,11 +88,16 @@ def _vin_rows(report: TakeoverReport) -> list[tuple[str, str]]:
     ]
 
 
+SCENARIO_REPLICAS = {"host-shutdown": 3, "resize": 3, "resize-r3-first": 3, "shrink": 4}
+
+
 def _run_scenario(scenario: str, group: ReplicaGroup, vins: int, rate: float) -> int:
     """One of ingest.testing.vin_scenarios; prints its report, 0 when nothing was lost."""
     report: HostShutdownReport | ResizeReport
     if scenario == "host-shutdown":
         report = run_host_shutdown(group, vins=vins, rate=rate)
+    elif scenario == "shrink":
+        report = run_shrink(group, vins=vins, rate=rate)
     else:
         first = scenario == "resize-r3-first"
         report = run_resize(group, vins=vins, rate=rate, new_member_first=first)
@@ -117,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--protocol", choices=["3.1.1", "5"], default="3.1.1")
     parser.add_argument(
         "--scenario",
-        choices=["takeover", "host-shutdown", "resize", "resize-r3-first"],
+        choices=["takeover", "host-shutdown", "resize", "resize-r3-first", "shrink"],
         default="takeover",
     )
     args = parser.parse_args(argv)
@@ -130,8 +137,11 @@ def main(argv: list[str] | None = None) -> int:
             broker,
             certs,
             root / "run",
-            # The scenarios of ingest.testing.vin_scenarios are written for r0, r1 and r2.
-            count=args.replicas if args.scenario == "takeover" else 3,
+            # The scenarios of ingest.testing.vin_scenarios are written for r0, r1 and r2 (and
+            # r3, which the shrink removes).
+            count=args.replicas
+            if args.scenario == "takeover"
+            else SCENARIO_REPLICAS[args.scenario],
             lease_s=args.lease_s,
             heartbeat_s=args.heartbeat_s,
             client=args.client,

@@ -15,6 +15,9 @@ account for every published message in the Parquet output (:func:`ingest.testing
   A moved VIN's messages published while both its old and its new owner subscribe it are written
   twice (docs/scaling.md); the report measures them, says which replicas wrote them and in which
   phase they were published, and snapshots who held the moved VINs' filters in each mixed state.
+* :func:`run_shrink`, 4 → 3 members: r3 stops for good, then r0, r1 and r2 are restarted one at a
+  time with [r0, r1, r2]. The leader hosts r3's session until every VIN r3 owned has its new
+  owner's subscription, then drains it and deletes it; the same accounting as the resize.
 
 Each event opens a *phase*; every message is filed under the phase it was published in, so a loss
 or a duplicate points at the event it happened around.
@@ -405,78 +408,156 @@ def run_resize(
     fleet_ready_s = _start_fleet(group, vins)
     old_members = list(group.members)
     new_members = [*old_members, group.replica_id(len(old_members))]
-    moved = _moved_units(group, old_members, new_members)
-    progress(f"3 replicas ready after {fleet_ready_s:.1f} s; {len(moved)} units move to r3")
-    paced = PacedStream(group, vins=vins, rate=rate, seed=23)
-    phases = Phases()
-    snapshots: list[SubscriptionSnapshot] = []
-    # SIGTERM → ready again with the new list (r3: start → ready), and the SIGTERMs' exit codes
-    ready_s: dict[str, float] = {}
-    exit_codes: dict[str, int] = {}
+    run = _Resize(
+        fleet_ready_s,
+        _moved_units(group, old_members, new_members),
+        PacedStream(group, vins=vins, rate=rate, seed=23),
+    )
+    progress(f"3 replicas ready after {fleet_ready_s:.1f} s; {len(run.moved)} units move to r3")
     order = list(range(len(new_members)))
     if new_member_first:
         order = order[-1:] + order[:-1]
-    phases.begin("steady, members [r0 r1 r2]")
-    paced.start()
+    run.phases.begin("steady, members [r0 r1 r2]")
+    run.paced.start()
     try:
         time.sleep(LEAD_IN_S)
-        transition_started = time.monotonic()
+        run.started = time.monotonic()
         for index in order:
             name = group.replica_id(index)
-            phases.begin(f"{name} {'starting' if index == len(old_members) else 'restarting'}")
-            started = time.monotonic()
             if index == len(old_members):
+                run.phases.begin(f"{name} starting")
+                started = time.monotonic()
                 group.add_replica(ready_timeout_s=EVENT_TIMEOUT_S)
+                run.ready_s[name] = time.monotonic() - started
             else:
-                exit_codes[name] = _restart_with_members(group, index, new_members)
-            ready_s[name] = time.monotonic() - started
-            phases.begin(f"{name} ready: {_lists(group, new_members)}")
-            last_ready_at = time.monotonic()
-            time.sleep(hold_s)
-            snapshots.append(_snapshot(group, moved, phases.starts[-1][0]))
-        wait_for(_settled(group), EVENT_TIMEOUT_S, "every VIN subscribed by its new owner only")
-        transition_ended = time.monotonic()
-        settle_s = transition_ended - last_ready_at
-        snapshots.append(_snapshot(group, moved, "settled"))
-        phases.begin("settled")
-        time.sleep(LEAD_OUT_S)
+                run.restart(group, index, new_members)
+            run.hold(group, f"{name} ready: {_lists(group, new_members)}", hold_s)
+        run.settle(group)
     finally:
-        messages = paced.stop()
-    progress(f"published {len(messages)}; waiting for every message to be committed")
-    result = _wait_committed(group, messages)
-    problems = group.subscription_problems(group.fleet_vins)
-    still_hosted = group.hosted_sessions()
-    final_exit_codes = group.stop()
-    written = writers(group.output)
-    doubled = [m for m in messages if len(written.get(m.message_id, ())) > 1]
-    return ResizeReport(
-        vins=vins,
-        published=len(messages),
-        fleet_ready_s=fleet_ready_s,
-        moved_units=len(moved),
-        ready_s=ready_s,
-        exit_codes=exit_codes,
-        settle_s=settle_s,
-        moved_messages_in_transition=sum(
-            1
-            for at, part in paced.slices
-            if transition_started <= at <= transition_ended
-            for m in part
-            if _unit(group, m) in moved
-        ),
-        duplicated=result.duplicated,
-        duplicated_moved=sum(1 for m in doubled if _unit(group, m) in moved),
-        duplicated_by_writers=dict(
-            Counter("+".join(sorted(written[m.message_id])) for m in doubled)
-        ),
-        snapshots=tuple(snapshots),
-        subscription_problems=tuple(problems[:5]),
-        still_hosted=still_hosted,
-        final_exit_codes=final_exit_codes,
-        largest_gap_s=paced.largest_gap_s,
-        tally=result,
-        phases=tuple(phases.figures(paced.slices, written)),
+        messages = run.paced.stop()
+    return run.report(group, messages, progress)
+
+
+def run_shrink(
+    group: ReplicaGroup,
+    *,
+    vins: int = 2_000,
+    rate: float = 500.0,
+    hold_s: float = 2.0,
+    progress: Callable[[str], None] = lambda _line: None,
+) -> ResizeReport:
+    """Shrink ``group`` (started with 4 members) to 3 under a stream: r3 stops for good (SIGTERM,
+    as a StatefulSet scale-down does), then r0, r1 and r2 are restarted one at a time with the
+    list [r0, r1, r2]. r3's session is hosted by the leader until every VIN it owned has its new
+    owner's subscription, then drained and deleted; nothing may be lost."""
+    assert group.count == 4, "run_shrink starts from four members"
+    fleet_ready_s = _start_fleet(group, vins)
+    old_members = list(group.members)
+    new_members = old_members[:-1]
+    run = _Resize(
+        fleet_ready_s,
+        _moved_units(group, old_members, new_members),
+        PacedStream(group, vins=vins, rate=rate, seed=29),
     )
+    leaving = group.replica_id(len(new_members))
+    progress(f"4 replicas ready after {fleet_ready_s:.1f} s; {len(run.moved)} units leave r3")
+    run.phases.begin("steady, members [r0 r1 r2 r3]")
+    run.paced.start()
+    try:
+        time.sleep(LEAD_IN_S)
+        run.started = time.monotonic()
+        run.phases.begin(f"{leaving} stopping for good")
+        run.exit_codes[leaving] = _stop_process(group.processes[len(new_members)])
+        run.hold(group, f"{leaving} stopped", hold_s)
+        for index in range(len(new_members)):
+            run.restart(group, index, new_members)
+            run.hold(
+                group, f"{group.replica_id(index)} ready: {_lists(group, new_members)}", hold_s
+            )
+        group.count = len(new_members)  # the group's members (and owners) from now on
+        run.settle(group)
+    finally:
+        messages = run.paced.stop()
+    return run.report(group, messages, progress)
+
+
+@dataclass
+class _Resize:
+    """One change of the member list under a stream, and what it measured."""
+
+    fleet_ready_s: float
+    moved: set[str]
+    paced: PacedStream
+    phases: Phases = field(default_factory=Phases)
+    snapshots: list[SubscriptionSnapshot] = field(default_factory=list)
+    # SIGTERM → ready again with the new list (a new member: start → ready), the exit codes
+    ready_s: dict[str, float] = field(default_factory=dict)
+    exit_codes: dict[str, int] = field(default_factory=dict)
+    started: float = 0.0  # the first event
+    last_ready_at: float = 0.0
+    ended: float = 0.0  # the end state: every VIN with its new owner only, nothing hosted
+
+    def restart(self, group: ReplicaGroup, index: int, members: Sequence[str]) -> None:
+        name = group.replica_id(index)
+        self.phases.begin(f"{name} restarting")
+        started = time.monotonic()
+        self.exit_codes[name] = _restart_with_members(group, index, members)
+        self.ready_s[name] = time.monotonic() - started
+
+    def hold(self, group: ReplicaGroup, phase: str, hold_s: float) -> None:
+        """Open ``phase`` (a mixed state), let it last ``hold_s``, snapshot the subscriptions."""
+        self.phases.begin(phase)
+        self.last_ready_at = time.monotonic()
+        time.sleep(hold_s)
+        self.snapshots.append(_snapshot(group, self.moved, phase))
+
+    def settle(self, group: ReplicaGroup) -> None:
+        """Wait for the end state, then a lead-out of the stream."""
+        wait_for(_settled(group), EVENT_TIMEOUT_S, "every VIN subscribed by its new owner only")
+        self.ended = time.monotonic()
+        self.snapshots.append(_snapshot(group, self.moved, "settled"))
+        self.phases.begin("settled")
+        time.sleep(LEAD_OUT_S)
+
+    def report(
+        self, group: ReplicaGroup, messages: list[Message], progress: Callable[[str], None]
+    ) -> ResizeReport:
+        progress(f"published {len(messages)}; waiting for every message to be committed")
+        result = _wait_committed(group, messages)
+        problems = group.subscription_problems(group.fleet_vins)
+        still_hosted = group.hosted_sessions()
+        final_exit_codes = group.stop()
+        written = writers(group.output)
+        doubled = [m for m in messages if len(written.get(m.message_id, ())) > 1]
+        moved = self.moved
+        return ResizeReport(
+            vins=len(group.fleet_vins),
+            published=len(messages),
+            fleet_ready_s=self.fleet_ready_s,
+            moved_units=len(moved),
+            ready_s=self.ready_s,
+            exit_codes=self.exit_codes,
+            settle_s=self.ended - self.last_ready_at,
+            moved_messages_in_transition=sum(
+                1
+                for at, part in self.paced.slices
+                if self.started <= at <= self.ended
+                for m in part
+                if _unit(group, m) in moved
+            ),
+            duplicated=result.duplicated,
+            duplicated_moved=sum(1 for m in doubled if _unit(group, m) in moved),
+            duplicated_by_writers=dict(
+                Counter("+".join(sorted(written[m.message_id])) for m in doubled)
+            ),
+            snapshots=tuple(self.snapshots),
+            subscription_problems=tuple(problems[:5]),
+            still_hosted=still_hosted,
+            final_exit_codes=final_exit_codes,
+            largest_gap_s=self.paced.largest_gap_s,
+            tally=result,
+            phases=tuple(self.phases.figures(self.paced.slices, written)),
+        )
 
 
 def _unit(group: ReplicaGroup, message: Message) -> str:
