@@ -108,7 +108,16 @@ class SubscriptionSync:
         # Replaced, never changed in place: the session thread reads it (held() at a reconnect,
         # subscription_id() for each SUBSCRIBE) while a step runs on another thread.
         if self._held is None:
-            self._held = self._runtime.call(self._coordinator.subscribed, self.member)
+            held = self._runtime.call(self._coordinator.subscribed, self.member)
+            rules = sorted(f for f in held if f.startswith(RULE_RECORD))
+            if rules and not self._envelopes:
+                # Back from MQTT 5 to 3.1.1: the session still holds the V2 topic, now a filter
+                # like any other (kept by its one owner, let go by the others once it holds it).
+                self._runtime.call(
+                    self._coordinator.replace_subscribed, self.member, rules, [self._prefix]
+                )
+                held = (held - set(rules)) | {self._prefix}
+            self._held = held
             self._leaving = self._runtime.call(self._coordinator.leaving, self.member)
         return self._held
 

@@ -18,7 +18,7 @@ from ingest.metrics import Metrics
 from ingest.replica.coordination import Coordinator
 from ingest.replica.envelopes import RULE_RECORD, EnvelopeRule
 from ingest.replica.runtime import ReplicaRuntime
-from ingest.replica.shards import filters_of, owner, vin_filter
+from ingest.replica.shards import APP_TOPIC_KEY, filters_of, owner, vin_filter
 from ingest.replica.subscriptions import DesiredVins, SubscriptionSync, subscribed_vins
 from ingest.replica.vin_mode import VinSharding
 
@@ -366,3 +366,26 @@ def test_the_rule_gauge_counts_the_lists_a_session_keeps_envelopes_by(
     leader.configured_members = ["r0", "r1", "r2", "r3"]
     asyncio.run(leader.follow_members())
     assert lists_after_a_few_steps() == 2, "r1..r3 do not cover list 2: widened"
+
+
+def test_back_on_mqtt_3_the_v2_topic_is_one_filter_again_and_only_its_owner_keeps_it(
+    runtimes: dict[str, ReplicaRuntime],
+) -> None:
+    """Every session held the V2 topic under an envelope rule (MQTT 5); under MQTT 3.1.1 its
+    owner keeps it and the others let it go once the owner holds it, as any moved filter."""
+    members = ["r0", "r1", "r2"]
+    app_owner = owner(APP_TOPIC_KEY, members)
+    others = [m for m in members if m != app_owner]
+    coordinator = runtimes["r0"].coordinator
+    for member in members:
+        coordinator.record_subscribed(member, [EnvelopeRule.of(1).record])
+    syncs = {m: _sync(runtimes[m], m, members, VINS) for m in members}
+    sessions = {m: RecordingSession() for m in members}
+    for member in [*others, app_owner, *others]:
+        syncs[member].step(sessions[member])
+    assert PREFIX in syncs[app_owner].held()
+    for member in others:
+        assert ("unsubscribe", [PREFIX]) in sessions[member].calls, member
+        assert PREFIX not in syncs[member].held()
+    assert coordinator.subscriptions_starting(RULE_RECORD) == {}
+    assert coordinator.subscriptions_starting(PREFIX)[PREFIX] == {app_owner}
