@@ -3,6 +3,7 @@ S3-compatible server (moto) for the tests that ask for one."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,18 @@ import pytest
 
 from ingest.testing import CertBundle, MosquittoBroker, make_certs
 from tests.storage.s3_support import MotoS3
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """An in-process ``cli.main()`` points the root logger at this test's captured stderr, which
+    closes with the test; put the handlers back, or a thread that logs later (a session still
+    reconnecting) meets a closed stream and prints a logging error into the run's output."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
