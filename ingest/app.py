@@ -168,11 +168,7 @@ class Daemon:
             client=settings.receive_client,
             # VIN-sharded: what the session holds, subscribed again if the broker lost it.
             filters=own_sync.held if own_sync is not None else None,
-            subscription_ids=(
-                own_sync.subscription_id
-                if own_sync is not None and settings.spreads_envelopes
-                else None
-            ),
+            subscription_ids=own_sync.subscription_ids if own_sync is not None else None,
         )
         session_box.append(session)
         self._register_probes(intake, pipeline.sink, session)
@@ -431,7 +427,7 @@ class Daemon:
                     key_of=key_of,
                     record_keys=lambda keys: runtime.call(coordinator.record_adopted, member, keys),
                     filters=sync.held,
-                    subscription_ids=sync.subscription_id if sharding.envelopes else None,
+                    subscription_ids=sync.subscription_ids,
                 )
                 adopters[channel] = session_host
                 return session_host

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -175,7 +175,7 @@ class _Probe:
         self._loop_until(client, lambda: mid in self._subacks, f"SUBACK of packet {mid}")
         return self._subacks[mid][0]
 
-    def _loop_until(self, client: paho.Client, done: Any, what: str) -> None:
+    def _loop_until(self, client: paho.Client, done: Callable[[], bool], what: str) -> None:
         while not done():
             if time.monotonic() > self._deadline:
                 raise BrokerError(

@@ -27,7 +27,7 @@ from ingest.errors import ConfigError, CredentialError, IngestError, SinkError
 from ingest.fleet.apiclient import auth_settings
 from ingest.fleet.desired import load_desired_fleet
 from ingest.replica.coordination import DEFAULT_ROLE, Coordinator, Member, redact_url
-from ingest.replica.envelopes import RULE_RECORD, rules_of, settled
+from ingest.replica.envelopes import RULE_RECORD, rules_of, uncovered
 from ingest.replica.shards import APP_TOPIC_KEY, owner
 from ingest.storage import OutputStore
 
@@ -382,13 +382,13 @@ def _envelope_finding(
             Level.OK, "mqtt.protocol", "V2 envelopes spread by VIN once a leader publishes a list"
         )
     epoch = max(lists)
-    if settled(epoch, lists[epoch], rules):
+    waiting = uncovered(epoch, lists[epoch], rules)
+    if not waiting:
         return Finding(
             Level.OK,
             "mqtt.protocol",
             f"V2 envelopes spread by VIN: every member of list {epoch} takes its VINs' share",
         )
-    waiting = [m for m in lists[epoch] if m not in rules or not rules[m].covers(epoch)]
     return Finding(
         Level.WARN,
         "mqtt.protocol",

@@ -235,10 +235,11 @@ def _member_lists(tx: _Tx) -> dict[int, list[str]]:
     current: list[str] | None = None
     for name, value in rows:
         members = [m for m in str(value).split(",") if m]
+        epoch = str(name).removeprefix(_MEMBERS_AT)
         if name == "members":
             current = members
-        elif str(name).startswith(_MEMBERS_AT) and str(name)[len(_MEMBERS_AT) :].isdigit():
-            lists[int(str(name)[len(_MEMBERS_AT) :])] = members
+        elif epoch != name and epoch.isdigit():
+            lists[int(epoch)] = members
     if current is not None and not lists:
         lists[1] = current  # published before lists had epochs: that one is the first
     return lists

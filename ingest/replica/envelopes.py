@@ -105,9 +105,14 @@ class EnvelopeRule:
         return EnvelopeRule(min(self.lo, epoch), max(self.hi, epoch))
 
 
+def uncovered(epoch: int, members: Sequence[str], rules: Mapping[str, EnvelopeRule]) -> list[str]:
+    """The members of list ``epoch`` whose session holds no rule covering it yet."""
+    return [m for m in members if m not in rules or not rules[m].covers(epoch)]
+
+
 def settled(epoch: int, members: Sequence[str], rules: Mapping[str, EnvelopeRule]) -> bool:
     """Whether every member of list ``epoch`` holds a rule covering it: sessions may narrow."""
-    return all(m in rules and rules[m].covers(epoch) for m in members)
+    return not uncovered(epoch, members, rules)
 
 
 def next_rule(

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ingest.errors import ConfigError
 from ingest.fleet.desired import load_desired_fleet
-from ingest.mqtt import FilterSession
+from ingest.mqtt import FilterSession, SubscriptionIds
 from ingest.replica.coordination import Coordinator
 from ingest.replica.envelopes import RULE_RECORD, EnvelopeRule, next_rule, rules_of
 from ingest.replica.runtime import ReplicaRuntime
@@ -137,6 +137,12 @@ class SubscriptionSync:
             return EnvelopeRule(0, max(self._runtime.epoch, 1))
         return None
 
+    @property
+    def subscription_ids(self) -> SubscriptionIds | None:
+        """What the session subscribes each filter with: :meth:`subscription_id` when it takes
+        the V2 topic under an envelope rule, else None (no identifiers)."""
+        return self.subscription_id if self._envelopes else None
+
     def subscription_id(self, topic_filter: str) -> int | None:
         """The Subscription Identifier to subscribe ``topic_filter`` with (session thread too)."""
         if topic_filter != self._prefix:
@@ -209,6 +215,8 @@ class SubscriptionSync:
         if not epoch or members is None:
             return  # no list published yet: the leader publishes one at its first heartbeat
         current = self.rule()
+        if current == EnvelopeRule.of(epoch) and self.member in members:
+            return  # settled on the list in force: the others' rules cannot change that
         rules = rules_of(self._runtime.call(self._coordinator.subscriptions_starting, RULE_RECORD))
         wanted = next_rule(self.member, current, epoch, members, rules)
         records = self._records()

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, TypeVar
 
 import pyarrow.parquet as pq
 
@@ -54,6 +54,7 @@ from ingest.testing.fleet_emulator import FleetEmulator, write_fleet_file
 from ingest.testing.publish import Publisher
 from ingest.testing.traffic import ENVIRONMENT, LEVEL, Message, make_vin, stream
 
+T = TypeVar("T")
 Mode = Literal["shared", "vin"]
 Kill = Literal["follower", "leader", "follower-logged-unacked"]
 
@@ -213,10 +214,14 @@ class ReplicaGroup:
         return overrides
 
     def leader(self) -> str | None:
+        return self._observe(Coordinator.leader)
+
+    def _observe(self, read: Callable[[Coordinator], T]) -> T:
+        """One read of the coordination database, as an observer that joins nothing."""
         with Coordinator.open(
             self.coordination_url, replica="observer", lease_s=self.lease_s
         ) as coordinator:
-            return coordinator.leader()
+            return read(coordinator)
 
     def index_of(self, replica: str) -> int:
         return int(replica.removeprefix("r"))
@@ -279,17 +284,11 @@ class ReplicaGroup:
 
     def subscriptions(self) -> dict[str, set[str]]:
         """Topic filter → the replica sessions the coordination database says hold it."""
-        with Coordinator.open(
-            self.coordination_url, replica="observer", lease_s=self.lease_s
-        ) as coordinator:
-            return coordinator.subscriptions()
+        return self._observe(Coordinator.subscriptions)
 
     def hosted_sessions(self) -> dict[str, str]:
         """Lost replica → the replica hosting (or draining) its session now."""
-        with Coordinator.open(
-            self.coordination_url, replica="observer", lease_s=self.lease_s
-        ) as coordinator:
-            return coordinator.claims()
+        return self._observe(Coordinator.claims)
 
     def subscription_problems(self, vins: Iterable[str]) -> list[str]:
         """What is wrong with the subscriptions for ``vins`` (plus the V2 topic): a filter held
@@ -317,10 +316,7 @@ class ReplicaGroup:
 
     def member_lists(self) -> dict[int, list[str]]:
         """The member lists the leader published, by epoch."""
-        with Coordinator.open(
-            self.coordination_url, replica="observer", lease_s=self.lease_s
-        ) as coordinator:
-            return coordinator.member_lists()
+        return self._observe(Coordinator.member_lists)
 
     def wait_fleet_ready(self, vins: Sequence[str], timeout_s: float) -> float:
         """Wait until HM approved every one of ``vins``, each VIN's (and the V2 topic's) filter
