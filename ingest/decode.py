@@ -137,6 +137,7 @@ _DAY_CACHE_SIZE: Final = 4096
 _SHOWN_CHARS: Final = 60  # how much of an offending value a rejection detail quotes
 _SORTED: Final = orjson.OPT_SORT_KEYS
 _ITEM_KEYS_HINT: Final = "an object with data/timestamp/failure/availability"
+_NO_PROPERTIES: Final[frozenset[str]] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,6 +399,18 @@ def _item_values(item: Any, capability: str, prop: str, list_index: int) -> _Val
     )
 
 
+def _check_v1_field(value: Any, field: str, expected: str | None) -> None:
+    """A V1 payload's ``capability`` / ``property``, where present, must match its topic."""
+    if value is None or value == expected:
+        return
+    if type(value) is not str:
+        raise _Reject(REASON_MISSING_FIELD, f"{field} must be a string, got {_kind(value)}")
+    raise _Reject(
+        REASON_TOPIC_MISMATCH,
+        f"payload {field} {value!r} differs from topic {field} {expected!r}",
+    )
+
+
 def _required_string(payload: dict[str, Any], field: str) -> str:
     value = payload.get(field)
     if type(value) is not str or not value:
@@ -420,7 +433,12 @@ class Decoder:
     ) -> None:
         self.app_id = app_id
         self.max_payload_bytes = max_payload_bytes
-        self._known = catalogue.load().known
+        # Properties by capability: one dict lookup per capability and a cached str hash per
+        # property, instead of building and hashing a (capability, property) tuple each time.
+        self._known = {
+            capability: frozenset(props)
+            for capability, props in catalogue.load().capabilities.items()
+        }
 
     def decode(self, topic: str, payload: bytes, received_at_us: int) -> Decoded:
         """Decode one message. Never raises for any topic or payload bytes."""
@@ -491,8 +509,12 @@ class Decoder:
                 REASON_TOPIC_MISMATCH,
                 f"payload version {version} arrived on a V{parsed.version} topic {topic!r}",
             )
-        message_id = _required_string(body, "message_id")
-        vin = _required_string(body, "vin")
+        message_id = body.get("message_id")
+        if type(message_id) is not str or not message_id:
+            message_id = _required_string(body, "message_id")
+        vin = body.get("vin")
+        if type(vin) is not str or not vin:
+            vin = _required_string(body, "vin")
         data = body.get("data")
         if type(data) is not dict:
             problem = "is missing" if data is None else f"must be an object, got {_kind(data)}"
@@ -504,22 +526,9 @@ class Decoder:
                     REASON_VIN_MISMATCH,
                     f"payload vin {vin!r} differs from topic vin {parsed.vin!r}",
                 )
-            for field, expected in (
-                ("capability", parsed.capability),
-                ("property", parsed.property),
-            ):
-                value = body.get(field)
-                if value is None:
-                    continue  # optional in practice; the topic already names it
-                if type(value) is not str:
-                    raise _Reject(
-                        REASON_MISSING_FIELD, f"{field} must be a string, got {_kind(value)}"
-                    )
-                if value != expected:
-                    raise _Reject(
-                        REASON_TOPIC_MISMATCH,
-                        f"payload {field} {value!r} differs from topic {field} {expected!r}",
-                    )
+            # Both optional in practice (the topic already names them); checked where present.
+            _check_v1_field(body.get("capability"), "capability", parsed.capability)
+            _check_v1_field(body.get("property"), "property", parsed.property)
         else:
             application_id = body.get("application_id")
             if application_id is not None and application_id != parsed.app_id:
@@ -544,6 +553,7 @@ class Decoder:
                     REASON_MALFORMED_ITEM,
                     f"data.{capability}: expected an object of properties, got {_kind(props)}",
                 )
+            known_props = known.get(capability, _NO_PROPERTIES)
             if version == 1 and capability != parsed.capability:
                 raise _Reject(
                     REASON_TOPIC_MISMATCH,
@@ -578,7 +588,7 @@ class Decoder:
                         )
                     )  # fmt: skip
                     index += 1
-                if (capability, prop) not in known:
+                if prop not in known_props:
                     unknown += len(items)
         return Decoded(message_id, vin, rows, None, unknown)
 
