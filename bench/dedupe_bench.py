@@ -1,12 +1,24 @@
-"""Throughput of the dedupe index: ``python bench/dedupe_bench.py [entries]``.
+"""Throughput of the dedupe index.
 
-Prints entries/s for ``record()`` into an empty index and into one already holding the entries,
-and candidates/s for ``duplicates()`` with half the keys known. Goal: >= 100k candidates/s.
+    python bench/dedupe_bench.py [entries]
+    python bench/dedupe_bench.py --growth [--sizes 0,200000,1000000,3000000] [--batch 30000]
+
+The first form prints entries/s for ``record()`` into an empty index and into one already holding
+the entries, and candidates/s for ``duplicates()`` with half the keys known.
+
+``--growth`` measures what one committed batch costs per message as the index fills up, the way
+a long-running daemon sees it (``PYTHONPATH=/other/tree`` measures another source tree's index,
+e.g. a checkout of a release that kept it in SQLite): for each index size, a batch of new
+message ids is looked up in chunks of one intake group (``duplicates()``) and then recorded in
+one write (``record()``), as the sink does per commit. The index holds every id of the last
+``[state] dedupe_retention_s``, so its size is the message rate times the retention: 3,000,000
+ids are 10 minutes at 5,000 msg/s, or 35 days at 1 msg/s. ``--batch`` is the ids per commit:
+the message rate times ``[output] flush_age_s`` when batches close by age.
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 import tempfile
 import time
 import uuid
@@ -16,9 +28,14 @@ from ingest.dedupe import DedupeIndex
 
 DEFAULT_ENTRIES = 200_000
 SEEN_AT_US = 1_790_000_000_000_000
+# Ids per duplicates() call during --growth: about one intake group.
+LOOKUP_CHUNK = 800
+# Ids per transaction while filling the index to the next size (not measured).
+FILL_CHUNK = 100_000
+BATCHES_PER_SIZE = 3
 
 
-def main(entries: int) -> None:
+def throughput(entries: int) -> None:
     # Message ids are UUID strings in HM's payloads; random ones defeat any locality in the B-tree.
     keys = [str(uuid.uuid4()) for _ in range(2 * entries)]
     known = [(key, lsn, SEEN_AT_US) for lsn, key in enumerate(keys[:entries], start=1)]
@@ -27,7 +44,7 @@ def main(entries: int) -> None:
         (key, entries + lsn)
         for lsn, key in enumerate(keys[entries // 2 : entries // 2 + entries], start=1)
     ]
-    with tempfile.TemporaryDirectory() as folder, DedupeIndex(Path(folder) / "dedupe.db") as index:
+    with tempfile.TemporaryDirectory() as folder, DedupeIndex(Path(folder) / "dedupe") as index:
         started = time.perf_counter()
         index.record(known)
         report("record() into an empty index", entries, time.perf_counter() - started, "entries")
@@ -50,5 +67,54 @@ def report(what: str, count: int, seconds: float, unit: str) -> None:
     print(f"{what:<40} {count:>9,} {unit:<10} {seconds:7.3f} s  {count / seconds:>12,.0f} {unit}/s")
 
 
+def growth(sizes: list[int], batch: int) -> None:
+    """Per-message cost of one commit's lookups and record() at each index size."""
+    print(f"batch of {batch:,} new ids per commit, looked up {LOOKUP_CHUNK} at a time")
+    print("| ids in the index | duplicates() us/id | record() us/id | index on disk MB |")
+    print("|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as folder, DedupeIndex(Path(folder) / "dedupe") as index:
+        held = 0
+        lsn = 1
+        for size in sorted(sizes):
+            while held < size:
+                count = min(FILL_CHUNK, size - held)
+                index.record([(str(uuid.uuid4()), lsn + i, SEEN_AT_US) for i in range(count)])
+                lsn += count
+                held += count
+            lookup_s = record_s = 0.0
+            for _ in range(BATCHES_PER_SIZE):
+                ids = [(str(uuid.uuid4()), lsn + i) for i in range(batch)]
+                started = time.perf_counter()
+                for start in range(0, batch, LOOKUP_CHUNK):
+                    index.duplicates(ids[start : start + LOOKUP_CHUNK])
+                lookup_s += time.perf_counter() - started
+                started = time.perf_counter()
+                index.record([(key, at, SEEN_AT_US) for key, at in ids])
+                record_s += time.perf_counter() - started
+                lsn += batch
+                held += batch
+            measured = BATCHES_PER_SIZE * batch
+            disk = sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
+            disk /= 1e6
+            print(
+                f"| {size:,} | {lookup_s / measured * 1e6:.1f} | "
+                f"{record_s / measured * 1e6:.1f} | {disk:,.0f} |",
+                flush=True,
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("entries", nargs="?", type=int, default=DEFAULT_ENTRIES)
+    parser.add_argument("--growth", action="store_true", help="cost per id as the index fills")
+    parser.add_argument("--sizes", default="0,200000,1000000,3000000")
+    parser.add_argument("--batch", type=int, default=30_000, help="new ids per commit")
+    args = parser.parse_args()
+    if args.growth:
+        growth([int(size) for size in args.sizes.split(",")], args.batch)
+    else:
+        throughput(args.entries)
+
+
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_ENTRIES)
+    main()
