@@ -7,13 +7,16 @@ The first form prints entries/s for ``record()`` into an empty index and into on
 the entries, and candidates/s for ``duplicates()`` with half the keys known.
 
 ``--growth`` measures what one committed batch costs per message as the index fills up, the way
-a long-running daemon sees it (``PYTHONPATH=/other/tree`` measures another source tree's index,
-e.g. a checkout of a release that kept it in SQLite): for each index size, a batch of new
-message ids is looked up in chunks of one intake group (``duplicates()``) and then recorded in
-one write (``record()``), as the sink does per commit. The index holds every id of the last
-``[state] dedupe_retention_s``, so its size is the message rate times the retention: 3,000,000
-ids are 10 minutes at 5,000 msg/s, or 35 days at 1 msg/s. ``--batch`` is the ids per commit:
-the message rate times ``[output] flush_age_s`` when batches close by age.
+a long-running daemon sees it: for each index size, a batch of new message ids is looked up in
+chunks of one intake group (``duplicates()``) and then recorded in one transaction
+(``record()``), as the sink does per commit. It prints the wall time of each (the sink's thread
+waits that long) and the CPU time of the whole process per id (a store with threads of its own
+counts theirs too). ``PYTHONPATH=/other/tree`` measures another source tree's index.
+
+The index holds every id of the last ``[state] dedupe_retention_s``, so its size is the message
+rate times the retention: 3,000,000 ids are 10 minutes at 5,000 msg/s, or 35 days at 1 msg/s.
+``--batch`` is the ids per commit: the message rate times ``[output] flush_age_s`` when batches
+close by age, at most what ``[output] flush_rows`` allows.
 """
 
 from __future__ import annotations
@@ -70,8 +73,11 @@ def report(what: str, count: int, seconds: float, unit: str) -> None:
 def growth(sizes: list[int], batch: int) -> None:
     """Per-message cost of one commit's lookups and record() at each index size."""
     print(f"batch of {batch:,} new ids per commit, looked up {LOOKUP_CHUNK} at a time")
-    print("| ids in the index | duplicates() us/id | record() us/id | index on disk MB |")
-    print("|---|---|---|---|")
+    print(
+        "| ids in the index | duplicates() us/id | record() us/id | CPU us/id (all threads) "
+        "| index on disk MB |"
+    )
+    print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as folder, DedupeIndex(Path(folder) / "dedupe") as index:
         held = 0
         lsn = 1
@@ -82,6 +88,7 @@ def growth(sizes: list[int], batch: int) -> None:
                 lsn += count
                 held += count
             lookup_s = record_s = 0.0
+            cpu_started = time.process_time()
             for _ in range(BATCHES_PER_SIZE):
                 ids = [(str(uuid.uuid4()), lsn + i) for i in range(batch)]
                 started = time.perf_counter()
@@ -94,11 +101,12 @@ def growth(sizes: list[int], batch: int) -> None:
                 lsn += batch
                 held += batch
             measured = BATCHES_PER_SIZE * batch
+            cpu_s = time.process_time() - cpu_started
             disk = sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
             disk /= 1e6
             print(
                 f"| {size:,} | {lookup_s / measured * 1e6:.1f} | "
-                f"{record_s / measured * 1e6:.1f} | {disk:,.0f} |",
+                f"{record_s / measured * 1e6:.1f} | {cpu_s / measured * 1e6:.1f} | {disk:,.0f} |",
                 flush=True,
             )
 
