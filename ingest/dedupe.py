@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
+from operator import itemgetter
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -94,11 +95,19 @@ class DedupeIndex:
         return found
 
     def record(self, entries: Sequence[tuple[str, int, int]]) -> None:
-        """Store ``(key, lsn, seen_at_us)`` entries in one transaction; the earliest LSN wins."""
+        """Store ``(key, lsn, seen_at_us)`` entries in one transaction; the earliest LSN wins.
+
+        In key order: ids are random, so once the index outgrows a batch nearly every id lands
+        on a leaf page of its own. Taken in key order, each leaf is changed for all its ids at
+        once and left for good; in arrival order the transaction goes back to leaves that
+        SQLite's cache (2 MB) has already spilled to the WAL, and writes them again.
+        ``bench/dedupe_bench.py --growth``, 30,000 ids per commit: 6.3 -> 4.2 us per id into an
+        empty index, 23 -> 16 at 1,000,000 ids.
+        """
         try:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany(_RECORD, entries)
+                self._db.executemany(_RECORD, sorted(entries, key=itemgetter(0)))
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
