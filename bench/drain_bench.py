@@ -4,6 +4,7 @@
     python bench/drain_bench.py --repeat 3            # report the spread of three rounds
     python bench/drain_bench.py --messages 1000000 --consumers hm-ingest --no-live   # peak RSS
     python bench/drain_bench.py --no-drain --rate 5000 --live-seconds 20             # live only
+    python bench/drain_bench.py --no-drain --rate 5000 --dedupe-ids 3000000   # a mature index
 
 Drain mode: one local Mosquitto, one backlog (realistic V1 and V2 payloads across ``--vehicles``
 VINs, from ingest.testing.traffic) published with ``mosquitto_pub -l`` while each consumer's
@@ -42,6 +43,7 @@ from bench.drain_support import (
     make_backlog,
     mosquitto_sub,
     mosquitto_sub_session,
+    prefill_dedupe,
     preload,
 )
 from ingest.testing import CertBundle, MosquittoBroker, make_certs
@@ -184,6 +186,12 @@ def main() -> None:
     parser.add_argument("--no-live", action="store_true")
     parser.add_argument("--rate", type=int, action="append", help="live msg/s (repeatable)")
     parser.add_argument("--live-seconds", type=float, default=20.0)
+    parser.add_argument(
+        "--dedupe-ids",
+        type=int,
+        default=0,
+        help="live mode: message ids in the dedupe index before the daemon starts (a mature one)",
+    )
     parser.add_argument("--flush-age", type=float, default=1.0, help="[output] flush_age_s")
     parser.add_argument(
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="daemon setting"
@@ -239,6 +247,9 @@ def main() -> None:
                         client_id=f"bench-live-{index}",
                         overrides=overrides,
                     )
+                    if args.dedupe_ids:
+                        took = prefill_dedupe(daemon.work / "state", args.dedupe_ids)
+                        print(f"dedupe index filled with {args.dedupe_ids:,} ids in {took:.0f} s")
                     live.append(
                         run_live(
                             broker,

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ import httpx
 import orjson
 import pyarrow.parquet as pq
 
+from ingest.dedupe import DedupeIndex
 from ingest.testing import CertBundle, MosquittoBroker, Publisher, publish_lines
 from ingest.testing.daemon import APP_ID, DaemonProcess, daemon_config, write_toml
 from ingest.testing.traffic import stream
@@ -40,6 +42,7 @@ PRELOAD_TIMEOUT_S = 1800.0
 POLL_S = 0.05
 STALL_S = 90.0  # the default flush_age_s is 60 s
 TREE_REFRESH_S = 1.0
+DEDUPE_FILL_CHUNK = 100_000
 
 
 @dataclass
@@ -368,6 +371,21 @@ class BenchDaemon:
 
     def parquet_files(self) -> list[Path]:
         return sorted((self.work / "data").rglob("*.parquet"))
+
+
+def prefill_dedupe(state_dir: Path, ids: int) -> float:
+    """Put ``ids`` random message ids into a daemon's dedupe index before it first starts, as a
+    daemon that has run for a while holds them (the rate times ``dedupe_retention_s``); returns
+    the seconds it took. Recorded at lsn 0 and received now, so none is a replay or past
+    retention, and no message of the bench's traffic shares one."""
+    started = time.perf_counter()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    now_us = time.time_ns() // 1000
+    with DedupeIndex(state_dir / "dedupe.sqlite3") as index:
+        for start in range(0, ids, DEDUPE_FILL_CHUNK):
+            count = min(DEDUPE_FILL_CHUNK, ids - start)
+            index.record([(str(uuid.uuid4()), 0, now_us) for _ in range(count)])
+    return time.perf_counter() - started
 
 
 def parquet_rows(files: list[Path]) -> int:
