@@ -187,6 +187,11 @@ def main() -> None:
     parser.add_argument("--rate", type=int, action="append", help="live msg/s (repeatable)")
     parser.add_argument("--live-seconds", type=float, default=20.0)
     parser.add_argument(
+        "--sequential-ids",
+        action="store_true",
+        help="message ids in sequence (the bench's ids before 2026-11-29) instead of HM-like ones",
+    )
+    parser.add_argument(
         "--dedupe-ids",
         type=int,
         default=0,
@@ -224,7 +229,9 @@ def main() -> None:
             backlog = None
             if not args.no_drain:
                 started = time.perf_counter()
-                backlog = make_backlog(args.messages, args.vehicles)
+                backlog = make_backlog(
+                    args.messages, args.vehicles, random_ids=not args.sequential_ids
+                )
                 print(f"backlog generated in {time.perf_counter() - started:.1f} s", flush=True)
                 if "mosquitto_sub" in consumers:
                     mosquitto_sub_session(broker, certs)
@@ -259,6 +266,7 @@ def main() -> None:
                             seconds=args.live_seconds,
                             vehicles=args.vehicles,
                             flush_age_s=args.flush_age,
+                            random_ids=not args.sequential_ids,
                         )
                     )
     print(f"load after: {os.getloadavg()}")

@@ -70,9 +70,10 @@ def run_live(
     seconds: float,
     vehicles: int,
     flush_age_s: float,
+    random_ids: bool = True,
 ) -> LiveResult:
     total = int(rate * (seconds + WARMUP_S))
-    messages = list(stream(APP_ID, total, vehicles=vehicles, prefix="live"))
+    messages = list(stream(APP_ID, total, vehicles=vehicles, prefix="live", random_ids=random_ids))
     sent_at: dict[str, float] = {}
     daemon.start()
     daemon.wait_subscribed()

@@ -75,10 +75,10 @@ class Result:
         return self.cpu_s / self.messages * 100_000
 
 
-def make_backlog(messages: int, vehicles: int) -> Backlog:
+def make_backlog(messages: int, vehicles: int, *, random_ids: bool = True) -> Backlog:
     by_topic: dict[str, list[bytes]] = {}
     raw = 0
-    for message in stream(APP_ID, messages, vehicles=vehicles):
+    for message in stream(APP_ID, messages, vehicles=vehicles, random_ids=random_ids):
         by_topic.setdefault(message.topic, []).append(message.payload)
         raw += len(message.payload)
     return Backlog(messages, vehicles, by_topic, raw)

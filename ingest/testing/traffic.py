@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -121,13 +122,22 @@ def stream(
     seed: int = 7,
     prefix: str = "m",
     base: dt.datetime | None = None,
+    random_ids: bool = False,
 ) -> Iterator[Message]:
-    """``count`` messages across ``vehicles`` VINs, each with a unique message id."""
+    """``count`` messages across ``vehicles`` VINs, each with a unique message id.
+
+    Ids are ``<prefix>-<seq>`` (in order, so tests can read the sequence number back), or with
+    ``random_ids`` 32 upper-case hex digits in no order, as HM's look: the dedupe index files
+    ids in order of their value, and ids in sequence would all land at its end, which costs a
+    fraction of what a stream of real ids does (see README, The dedupe index as it grows).
+    """
     rng = random.Random(seed)  # noqa: S311 (reproducible test data, not cryptography)
     base = base or dt.datetime(2026, 11, 28, tzinfo=dt.UTC)
     for seq in range(count):
         vin = make_vin(rng.randrange(vehicles))
         message_id = f"{prefix}-{seq:09d}"
+        if random_ids:
+            message_id = hashlib.blake2b(message_id.encode(), digest_size=16).hexdigest().upper()
         roll = rng.random()
         if roll < invalid_fraction:
             yield invalid_message(app_id, vin, message_id, seq)
