@@ -37,6 +37,8 @@ from ingest.storage.location import is_uri
 
 # Deletes in flight at once on an object store (compaction removes hundreds of inputs).
 DELETE_CONCURRENCY = 16
+# Listings that meet a folder being created meanwhile (see list_files) are tried this often.
+LIST_ATTEMPTS = 3
 # Hidden (a leading "."): query engines and pyarrow.dataset skip it should one be left behind.
 PROBE_PREFIX = ".hm-ingest-probe-"
 
@@ -118,10 +120,19 @@ class OutputStore:
     def list_files(self, folder: str) -> list[StoredFile]:
         """Every file below ``folder`` (recursively), sorted by path; none when it is missing."""
         selector = pafs.FileSelector(folder, allow_not_found=True, recursive=True)
-        try:
-            infos = self.filesystem.get_file_info(selector)
-        except OSError as exc:
-            raise self._error("could not list", folder, exc) from exc
+        for attempt in range(1, LIST_ATTEMPTS + 1):
+            try:
+                infos = self.filesystem.get_file_info(selector)
+                break
+            except FileNotFoundError as exc:
+                # pyarrow lists a missing folder as empty only if it is still missing when it
+                # looks again: a folder created in between (the daemon's first file of a table
+                # or partition, beside `hm-ingest compact`) fails the listing. Listed again, it
+                # is there.
+                if attempt == LIST_ATTEMPTS:
+                    raise self._error("could not list", folder, exc) from exc
+            except OSError as exc:
+                raise self._error("could not list", folder, exc) from exc
         return sorted(
             (
                 StoredFile(info.path, info.size or 0, info.mtime_ns)

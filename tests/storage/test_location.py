@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+from typing import Any, cast
 
+import pyarrow.fs as pafs
 import pytest
 
 from ingest.errors import SinkError
@@ -62,3 +65,38 @@ def test_unusable_uri_is_a_permanent_error() -> None:
     with pytest.raises(SinkError, match="cannot open output s3://bucket") as caught:
         OutputStore.open("s3://bucket/p?no_such_option=1")
     assert not caught.value.retriable
+
+
+class _CreatedWhileListing:
+    """A filesystem on which the first listings fail the way pyarrow's does when the folder is
+    created between its two looks (missing when listed, there when checked again)."""
+
+    def __init__(self, real: pafs.FileSystem, failures: int) -> None:
+        self.real = real
+        self.failures = failures
+
+    def get_file_info(self, what: Any) -> Any:
+        if isinstance(what, pafs.FileSelector) and self.failures:
+            self.failures -= 1
+            raise FileNotFoundError(f"Cannot list directory '{what.base_dir}'")
+        return self.real.get_file_info(what)
+
+
+def test_listing_a_folder_created_meanwhile_is_tried_again(tmp_path: Path) -> None:
+    (tmp_path / "telemetry").mkdir()
+    (tmp_path / "telemetry" / "part.parquet").write_bytes(b"x")
+    local = OutputStore.open(tmp_path)
+    racing = replace(
+        local, filesystem=cast(pafs.FileSystem, _CreatedWhileListing(local.filesystem, 1))
+    )
+    files = racing.list_files(racing.join("telemetry"))
+    assert [Path(f.path).name for f in files] == ["part.parquet"]
+
+
+def test_a_folder_that_keeps_failing_to_list_is_an_error(tmp_path: Path) -> None:
+    local = OutputStore.open(tmp_path)
+    failing = replace(
+        local, filesystem=cast(pafs.FileSystem, _CreatedWhileListing(local.filesystem, 99))
+    )
+    with pytest.raises(SinkError, match="could not list"):
+        failing.list_files(failing.join("telemetry"))
