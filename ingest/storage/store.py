@@ -119,20 +119,7 @@ class OutputStore:
     # -- reading ----------------------------------------------------------------------------------
     def list_files(self, folder: str) -> list[StoredFile]:
         """Every file below ``folder`` (recursively), sorted by path; none when it is missing."""
-        selector = pafs.FileSelector(folder, allow_not_found=True, recursive=True)
-        for attempt in range(1, LIST_ATTEMPTS + 1):
-            try:
-                infos = self.filesystem.get_file_info(selector)
-                break
-            except FileNotFoundError as exc:
-                # pyarrow lists a missing folder as empty only if it is still missing when it
-                # looks again: a folder created in between (the daemon's first file of a table
-                # or partition, beside `hm-ingest compact`) fails the listing. Listed again, it
-                # is there.
-                if attempt == LIST_ATTEMPTS:
-                    raise self._error("could not list", folder, exc) from exc
-            except OSError as exc:
-                raise self._error("could not list", folder, exc) from exc
+        infos = self._listed(folder, recursive=True)
         return sorted(
             (
                 StoredFile(info.path, info.size or 0, info.mtime_ns)
@@ -144,12 +131,26 @@ class OutputStore:
 
     def list_folders(self, folder: str) -> list[str]:
         """The direct sub-folders of ``folder`` (partitions of a table), sorted."""
-        selector = pafs.FileSelector(folder, allow_not_found=True, recursive=False)
-        try:
-            infos = self.filesystem.get_file_info(selector)
-        except OSError as exc:
-            raise self._error("could not list", folder, exc) from exc
+        infos = self._listed(folder, recursive=False)
         return sorted(info.path for info in infos if info.type == pafs.FileType.Directory)
+
+    def _listed(self, folder: str, *, recursive: bool) -> list[pafs.FileInfo]:
+        """What is in ``folder``; nothing when it is missing."""
+        selector = pafs.FileSelector(folder, allow_not_found=True, recursive=recursive)
+        attempts_left = LIST_ATTEMPTS
+        while True:
+            try:
+                return list(self.filesystem.get_file_info(selector))
+            except FileNotFoundError as exc:
+                # pyarrow lists a missing folder as empty only if it is still missing when it
+                # looks again: a folder created in between (the daemon's first file of a table
+                # or partition, beside `hm-ingest compact`) fails the listing. Listed again, it
+                # is there.
+                attempts_left -= 1
+                if not attempts_left:
+                    raise self._error("could not list", folder, exc) from exc
+            except OSError as exc:
+                raise self._error("could not list", folder, exc) from exc
 
     def existing(self, paths: list[str]) -> list[str]:
         """Those of ``paths`` that exist as files (one metadata request each on object stores)."""

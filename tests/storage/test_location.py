@@ -100,3 +100,13 @@ def test_a_folder_that_keeps_failing_to_list_is_an_error(tmp_path: Path) -> None
     )
     with pytest.raises(SinkError, match="could not list"):
         failing.list_files(failing.join("telemetry"))
+
+
+def test_listing_partitions_created_meanwhile_is_tried_again(tmp_path: Path) -> None:
+    (tmp_path / "telemetry" / "date=2026-10-01").mkdir(parents=True)
+    local = OutputStore.open(tmp_path)
+    racing = replace(
+        local, filesystem=cast(pafs.FileSystem, _CreatedWhileListing(local.filesystem, 1))
+    )
+    folders = racing.list_folders(racing.join("telemetry"))
+    assert [Path(f).name for f in folders] == ["date=2026-10-01"]
