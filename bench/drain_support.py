@@ -24,7 +24,7 @@ import httpx
 import orjson
 import pyarrow.parquet as pq
 
-from ingest.dedupe import DedupeIndex
+from ingest.dedupe import DEDUPE_FILE, DedupeIndex
 from ingest.testing import CertBundle, MosquittoBroker, Publisher, publish_lines
 from ingest.testing.daemon import APP_ID, DaemonProcess, daemon_config, write_toml
 from ingest.testing.traffic import stream
@@ -161,8 +161,7 @@ class WatchedTree:
 
     def stats(self) -> tuple[float, int]:
         """(CPU seconds, summed peak RSS bytes) of the members, from /proc."""
-        members = self.members
-        return sum(_cpu_s(member) for member in members), sum(_hwm(member) for member in members)
+        return _stats(self.members)
 
     def pss(self) -> int:
         return _pss(self.members)
@@ -207,8 +206,11 @@ def _pss(members: list[int]) -> int:
 
 def proc_stats(pid: int) -> tuple[float, int]:
     """(CPU seconds, peak RSS bytes) of a live process and its descendants, from /proc."""
-    tree = process_tree(pid)
-    return sum(_cpu_s(member) for member in tree), sum(_hwm(member) for member in tree)
+    return _stats(process_tree(pid))
+
+
+def _stats(members: list[int]) -> tuple[float, int]:
+    return sum(_cpu_s(member) for member in members), sum(_hwm(member) for member in members)
 
 
 def _wait_measured(
@@ -381,7 +383,7 @@ def prefill_dedupe(state_dir: Path, ids: int) -> float:
     started = time.perf_counter()
     state_dir.mkdir(parents=True, exist_ok=True)
     now_us = time.time_ns() // 1000
-    with DedupeIndex(state_dir / "dedupe.sqlite3") as index:
+    with DedupeIndex(state_dir / DEDUPE_FILE) as index:
         for start in range(0, ids, DEDUPE_FILL_CHUNK):
             count = min(DEDUPE_FILL_CHUNK, ids - start)
             index.record([(str(uuid.uuid4()), 0, now_us) for _ in range(count)])

@@ -25,6 +25,8 @@ from typing import Self
 from ingest.errors import LogError
 
 DEFAULT_RETENTION_S = 7 * 86400.0
+# The index's file in [state] path.
+DEDUPE_FILE = "dedupe.sqlite3"
 _US_PER_S = 1_000_000
 # Keys per SELECT ... IN (...). SQLite allows 32766 host parameters since 3.32 (999 before); 500
 # is already past the point where larger chunks stop paying off (see bench/dedupe_bench.py).
@@ -99,10 +101,9 @@ class DedupeIndex:
 
         In key order: ids are random, so once the index outgrows a batch nearly every id lands
         on a leaf page of its own. Taken in key order, each leaf is changed for all its ids at
-        once and left for good; in arrival order the transaction goes back to leaves that
-        SQLite's cache (2 MB) has already spilled to the WAL, and writes them again.
-        ``bench/dedupe_bench.py --growth``, 30,000 ids per commit: 6.3 -> 4.2 us per id into an
-        empty index, 23 -> 16 at 1,000,000 ids.
+        once and left for good, instead of being come back to after SQLite's 2 MB cache may
+        have let it go. ``bench/dedupe_bench.py --growth``, 30,000 ids per commit: 4.6 -> 3.8 us
+        per id into an empty index, 14.2 -> 11.8 at 1,000,000 ids.
         """
         try:
             self._db.execute("BEGIN IMMEDIATE")

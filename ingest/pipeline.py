@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from ingest.checkpoint import Checkpoint, CheckpointStore
 from ingest.config import Settings
 from ingest.decode import Decoder
-from ingest.dedupe import DedupeIndex
+from ingest.dedupe import DEDUPE_FILE, DedupeIndex
 from ingest.metrics import Metrics
 from ingest.parquet import PartitionedWriter
 from ingest.schemas import REJECTED, TELEMETRY
@@ -54,9 +54,7 @@ def open_sink(settings: Settings, events: SinkEvents) -> OpenedSink:
         output.local_root.mkdir(parents=True, exist_ok=True)
     checkpoints = CheckpointStore(state_dir / "checkpoint.json")
     checkpoint = checkpoints.load()
-    dedupe = DedupeIndex(
-        state_dir / "dedupe.sqlite3", retention_s=settings.state.dedupe_retention_s
-    )
+    dedupe = DedupeIndex(state_dir / DEDUPE_FILE, retention_s=settings.state.dedupe_retention_s)
     level = settings.output.compression_level
     tables = None
     if settings.iceberg.enabled:
