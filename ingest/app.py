@@ -23,7 +23,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from functools import partial
 from typing import Any
 
@@ -47,6 +47,7 @@ from ingest.mqtt_native import make_session
 from ingest.pipeline import Pipeline, open_pipeline
 from ingest.replica.adopt import KeyOf, SessionAdopter, message_key_function
 from ingest.replica.envelopes import EnvelopeOwnership
+from ingest.replica.handover import MessageOwnership
 from ingest.replica.host import SessionHost
 from ingest.replica.runtime import ReplicaRuntime, open_replica_runtime
 from ingest.replica.shards import topic_prefix
@@ -149,7 +150,7 @@ class Daemon:
 
         intake = Intake(
             pipeline.wal,
-            keep=self._envelope_ownership(adopters),
+            keep=self._message_ownership(adopters),
             ack=ack,
             deliver=pipeline.sink.submit,
             limits=IntakeLimits.sized(
@@ -325,6 +326,7 @@ class Daemon:
                 key_of=key_of,
                 record_keys=lambda keys: runtime.call(coordinator.record_adopted, member, keys),
                 keep_claim=lambda: runtime.call(coordinator.renew_drain, member),
+                logged_before=lambda keys: runtime.call(coordinator.adopted_among, member, keys),
                 receive_backlog_full=intake.receive_backlog_full,
                 stop=stop,
             )
@@ -362,14 +364,19 @@ class Daemon:
             interval_s=self.settings.replica.heartbeat_s,
             metrics=self.metrics,
             envelopes=self.settings.spreads_envelopes,
+            handover_window_s=self.settings.replica.handover_window_s,
         )
 
-    def _envelope_ownership(self, adopters: dict[int, SessionAdopter | SessionHost]) -> Keep | None:
-        """Which V2 envelopes are ours to log, when every session takes the V2 topic."""
+    def _message_ownership(self, adopters: dict[int, SessionAdopter | SessionHost]) -> Keep | None:
+        """VIN-sharded mode: which received messages are ours to log (ingest.replica.handover):
+        not a V2 envelope another session keeps by its rule, nor a message of a VIN changing
+        owner that another session claimed first."""
         runtime = self.replica
-        if runtime is None or not self.settings.spreads_envelopes:
+        if runtime is None or not self.settings.replica.vin_sharded:
             return None
         own = self.settings.replica.id
+        prefix = topic_prefix(self.settings.mqtt.resolved_topic)
+        max_payload_bytes = self.settings.ingest.max_payload_bytes
 
         def member_of(channel: int) -> str | None:
             if not channel:
@@ -377,11 +384,31 @@ class Daemon:
             session = adopters.get(channel)
             return session.replica if session is not None else None
 
-        return EnvelopeOwnership(
-            prefix=topic_prefix(self.settings.mqtt.resolved_topic),
+        envelopes = (
+            EnvelopeOwnership(
+                prefix=prefix,
+                member_of=member_of,
+                member_list=runtime.member_list,
+                max_payload_bytes=max_payload_bytes,
+            )
+            if self.settings.spreads_envelopes
+            else None
+        )
+
+        def claim(member: str, keys: Sequence[str]) -> dict[str, str]:
+            # The runtime's connection: only groups holding a moving VIN's messages ask.
+            return runtime.call(runtime.coordinator.claim, member, keys)
+
+        return MessageOwnership(
+            prefix=prefix,
             member_of=member_of,
-            member_list=runtime.member_list,
-            max_payload_bytes=self.settings.ingest.max_payload_bytes,
+            member_lists=lambda: runtime.member_lists,
+            settled_at=lambda: runtime.settled_at,
+            claim=claim,
+            window_s=self.settings.replica.handover_window_s,
+            metrics=self.metrics,
+            envelopes=envelopes,
+            max_payload_bytes=max_payload_bytes,
         ).keep
 
     def _subscribed_gate(self) -> SubscribedGate | None:
@@ -426,6 +453,9 @@ class Daemon:
                     submit=intake.submit,
                     key_of=key_of,
                     record_keys=lambda keys: runtime.call(coordinator.record_adopted, member, keys),
+                    logged_before=lambda keys: runtime.call(
+                        coordinator.adopted_among, member, keys
+                    ),
                     filters=sync.held,
                     subscription_ids=sync.subscription_ids,
                 )

@@ -196,6 +196,10 @@ class ReplicaSettings(_Section):
     coordination: SecretStr = SecretStr("")
     lease_s: float = Field(15.0, gt=0)
     heartbeat_s: float = Field(3.0, gt=0)
+    # vin mode: how long after a member-list change has settled the replicas still claim the
+    # moved VINs' messages before logging them, so a copy a replica reads late (a backlog) is
+    # still written once. A replica further behind than this may write a moved VIN's message twice.
+    handover_window_s: float = Field(900.0, gt=0)
 
     @property
     def enabled(self) -> bool:

@@ -57,8 +57,9 @@ WRITE_RETRY_MAX_S = 5.0
 PAUSE_LOG_INTERVAL_S = 60.0
 
 _Received = tuple[int, str, bytes, Delivery]
-# keep(topic, payload, delivery): False for a message another session logs (intake thread).
-Keep = Callable[[str, bytes, Delivery], bool]
+# keep([(topic, payload, delivery), ...]): for each received message, False when another
+# session logs it (intake thread; ingest.replica.handover).
+Keep = Callable[[list[tuple[str, bytes, Delivery]]], list[bool]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,8 +101,9 @@ class Intake:
         ``first_lsn``, ``first_lsn + 1``, ...: ``(received_at_us, topic, payload)`` each);
         ``committed_lsn`` reads the sink's last committed LSN, ``sink_backlog`` how many delivered
         groups the sink has not taken yet (both may be called from any thread); ``keep`` says
-        whether a message is this daemon's to log at all (a V2 envelope of a VIN another
-        replica owns is not: it is acknowledged in its turn, unlogged)."""
+        which messages of a group are this daemon's to log at all (a V2 envelope of a VIN
+        another replica owns is not, nor a message another replica claimed during a handover:
+        they are acknowledged in their turn, unlogged)."""
         self._wal = wal
         self._keep = keep
         self._ack = ack
@@ -195,7 +197,11 @@ class Intake:
     def _commit(self, group: list[_Received], stop: threading.Event) -> bool:
         """Make ``group`` durable, then ack it. False when stopped before it could be logged."""
         if self._keep is None:
-            entries = [(received_at, topic, payload) for received_at, topic, payload, _ in group]
+            entries = [
+                (received_at, topic, payload)
+                for received_at, topic, payload, delivery in group
+                if not delivery.logged_elsewhere
+            ]
         else:
             entries = self._kept(group)
         first_lsn = self._append_when_possible(entries, stop) if entries else 0
@@ -218,20 +224,18 @@ class Intake:
         """The entries of ``group`` this daemon logs; the others are acknowledged unlogged."""
         keep = self._keep
         assert keep is not None
-        entries = []
-        for received_at, topic, payload, delivery in group:
-            try:
-                kept = keep(topic, payload, delivery)
-            except Exception:
-                # A doubt keeps the message: a duplicate can be removed, a loss cannot.
-                log.exception("cannot tell whether the message on %s is ours: logged", topic)
-                kept = True
-            if kept:
-                entries.append((received_at, topic, payload))
-        skipped = len(group) - len(entries)
-        if skipped:
-            self._metrics.envelopes_skipped.inc(skipped)
-        return entries
+        group = [entry for entry in group if not entry[3].logged_elsewhere]
+        try:
+            kept = keep([(topic, payload, delivery) for _, topic, payload, delivery in group])
+        except Exception:
+            # A doubt keeps the messages: a duplicate can be removed, a loss cannot.
+            log.exception("cannot tell which of %d received messages are ours: logged", len(group))
+            kept = [True] * len(group)
+        return [
+            (received_at, topic, payload)
+            for (received_at, topic, payload, _), ours in zip(group, kept, strict=True)
+            if ours
+        ]
 
     @property
     def uncommitted_bytes(self) -> int:

@@ -182,6 +182,14 @@ class Metrics:
             "while a member-list change settles, 0 when it takes none (VIN-sharded mode, MQTT 5)",
             registry=r,
         )
+        self.handover_claims = Counter(
+            p + "replica_handover_claims_total",
+            "Messages of VINs changing owner claimed before logging, by who got them: own (logged "
+            "here), other (another replica's session logs them; acknowledged unlogged), "
+            "unavailable (the database could not be asked: logged)",
+            ["claimant"],
+            registry=r,
+        )
         self.envelopes_skipped = Counter(
             p + "replica_envelopes_skipped_total",
             "V2 envelopes acknowledged without being logged because another replica's session "

@@ -123,6 +123,11 @@ class Delivery(NamedTuple):
     # theirs (ingest.replica.envelopes): it is fixed when the broker routes the message, so a
     # message decided late (a backlog) is judged by the rule of its publication.
     subscription: int = 0
+    # The broker's DUP flag: sent before on an earlier connection of this session, unacked.
+    redelivered: bool = False
+    # Set by the holder of a lost replica's session (ingest.replica.host, .adopt) for a
+    # redelivery an earlier holder already logged: acknowledged in its turn, never logged again.
+    logged_elsewhere: bool = False
 
 
 # Called on the session's network thread; must not block (it holds up every later message).
@@ -283,7 +288,20 @@ def manual_ack_client(options: MqttOptions, ctx: ssl.SSLContext, *, clean: bool)
     if not options.verify_hostname:
         client.tls_insecure_set(True)  # else paho runs its own hostname check as well
     client.connect_timeout = SOCKET_TIMEOUT_S
+    client.on_socket_register_write = _written_by_the_loop_thread
     return client
+
+
+def _written_by_the_loop_thread(_client: paho.Client, _userdata: Any, _sock: Any) -> None:
+    """Keeps paho from writing on the thread that queues a packet.
+
+    Without an ``on_socket_register_write`` callback, paho writes a packet queued from another
+    thread (a PUBACK from intake or a host's flusher, a DISCONNECT from stop()) straight away on
+    that thread, while the session thread may be writing too; a TLS socket can take part of a
+    packet, and two writers could then interleave bytes of different packets. With the callback
+    paho only queues the packet and wakes the session thread's select(), which writes
+    everything, in queue order.
+    """
 
 
 class SupervisedSession(ABC):
@@ -957,7 +975,7 @@ class MqttSession(SupervisedSession):
     def _handle_message(
         self, _client: paho.Client, _userdata: Any, message: paho.MQTTMessage
     ) -> None:
-        if self._subscription_ids is None:
+        if self._subscription_ids is None and not message.dup:
             delivery = Delivery(self._live_generation, message.mid, message.qos, self._channel)
         else:
             delivery = Delivery(
@@ -965,7 +983,8 @@ class MqttSession(SupervisedSession):
                 message.mid,
                 message.qos,
                 self._channel,
-                matched_subscription(message),
+                matched_subscription(message) if self._subscription_ids is not None else 0,
+                bool(message.dup),
             )
         # paho hands over a bytearray sliced from the packet buffer; bytes() is the one copy the
         # handler's immutable type costs: ~100 ns for 1.5 kB, against ~50 us per message in paho.

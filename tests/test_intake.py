@@ -258,12 +258,15 @@ def test_a_message_another_session_keeps_is_acked_in_its_turn_and_never_logged(
 ) -> None:
     """A V2 envelope whose VIN another replica owns (keep says no) is acknowledged with its
     group, in receipt order, but neither logged nor handed to the sink; a keep that fails keeps
-    the message."""
+    its whole group."""
+    groups: list[list[int]] = []
 
-    def keep(topic: str, payload: bytes, delivery: Delivery) -> bool:
-        if delivery.mid == 6:
+    def keep(group: list[tuple[str, bytes, Delivery]]) -> list[bool]:
+        mids = [delivery.mid for _, _, delivery in group]
+        groups.append(mids)
+        if 15 in mids:
             raise RuntimeError("cannot tell")
-        return delivery.mid % 3 != 0
+        return [mid % 3 != 0 for mid in mids]
 
     harness = Harness(wal, keep=keep)
     harness.thread.start()
@@ -272,20 +275,21 @@ def test_a_message_another_session_keeps_is_acked_in_its_turn_and_never_logged(
         wait_until(lambda: len(harness.acked) == 9, "every message acknowledged")
         harness.submit(3)  # a group of mids 10, 11, 12, of which 12 is not ours
         wait_until(lambda: len(harness.acked) == 12, "the next group")
+        harness.submit(3)  # 13, 14, 15: keep fails, all three are logged
+        wait_until(lambda: len(harness.acked) == 15, "the group keep failed on")
     finally:
         harness.stop.set()
         harness.thread.join(DEADLINE_S)
-    assert [d.mid for d in harness.acked] == list(range(1, 13)), "receipt order, all of them"
-    kept = [mid for mid in range(1, 13) if mid % 3 != 0 or mid == 6]  # 6: in doubt, kept
-    assert len(harness.delivered) == len(kept) == 9
-    assert [r.lsn for r in harness.delivered] == list(range(1, 10)), "no gap in the log"
-    assert wal.next_lsn == 10
-    skipped = harness.metrics.envelopes_skipped._value.get()  # type: ignore[attr-defined]
-    assert skipped == 3
+    assert [d.mid for d in harness.acked] == list(range(1, 16)), "receipt order, all of them"
+    failed = next(g for g in groups if 15 in g)
+    kept = [mid for mid in range(1, 16) if mid % 3 != 0 or mid in failed]
+    assert len(harness.delivered) == len(kept)
+    assert [r.lsn for r in harness.delivered] == list(range(1, len(kept) + 1)), "no gap in the log"
+    assert wal.next_lsn == len(kept) + 1
 
 
 def test_a_group_of_messages_none_of_which_is_ours_logs_nothing(wal: WriteAheadLog) -> None:
-    harness = Harness(wal, keep=lambda _topic, _payload, _delivery: False)
+    harness = Harness(wal, keep=lambda group: [False] * len(group))
     harness.thread.start()
     try:
         harness.submit(5)
@@ -295,3 +299,24 @@ def test_a_group_of_messages_none_of_which_is_ours_logs_nothing(wal: WriteAheadL
         harness.thread.join(DEADLINE_S)
     assert harness.delivered == []
     assert wal.next_lsn == 1
+
+
+@pytest.mark.parametrize("with_keep", [False, True])
+def test_a_redelivery_an_earlier_holder_logged_is_acked_in_its_turn_and_not_logged(
+    wal: WriteAheadLog, with_keep: bool
+) -> None:
+    """A lost replica's session hands over a message its previous holder logged (marked
+    ``logged_elsewhere`` by the host): acknowledged in receipt order, never logged here."""
+    harness = Harness(wal, keep=(lambda group: [True] * len(group)) if with_keep else None)
+    harness.thread.start()
+    try:
+        for mid in range(1, 7):
+            delivery = Delivery(1, mid, 1, redelivered=mid <= 4, logged_elsewhere=mid in (2, 3))
+            harness.intake.submit(TOPIC, PAYLOAD, delivery)
+        wait_until(lambda: len(harness.acked) == 6, "every message acknowledged")
+    finally:
+        harness.stop.set()
+        harness.thread.join(DEADLINE_S)
+    assert [d.mid for d in harness.acked] == [1, 2, 3, 4, 5, 6]
+    assert len(harness.delivered) == 4
+    assert wal.next_lsn == 5

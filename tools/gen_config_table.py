@@ -220,6 +220,11 @@ MEANINGS: dict[str, str] = {
         "How often a replica renews its leases and the leader looks for lost replicas; at most "
         "half of `lease_s`."
     ),
+    "replica.handover_window_s": (
+        "`vin` mode: how long after a member-list change has settled replicas still claim the "
+        "moved VINs' messages before logging them, so a copy read that late is still written "
+        "once ([docs/scaling.md](docs/scaling.md))."
+    ),
 }
 
 

@@ -43,7 +43,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from ingest.batch import dedupe_key
 from ingest.decode import Decoder
-from ingest.errors import BrokerError
+from ingest.errors import BrokerError, IngestError
 from ingest.mqtt import (
     SOCKET_TIMEOUT_S,
     Delivery,
@@ -65,6 +65,35 @@ KEEP_CLAIM_EVERY_S = 1.0
 # The dedupe key the sink will give a message (ingest.batch.dedupe_key): computed here because
 # it must be recorded before the PUBACK, which the sink comes long after.
 KeyOf = Callable[[str, bytes], str]
+# Which of these keys an earlier holder of the session recorded as adopted, i.e. logged
+# (Coordinator.adopted_among for the lost replica).
+LoggedBefore = Callable[[list[str]], set[str]]
+
+
+def logged_by_earlier_holder(
+    logged_before: LoggedBefore | None, replica: str, key: str, delivery: Delivery
+) -> Delivery:
+    """``delivery``, marked ``logged_elsewhere`` when it is a redelivery (DUP) of a message an
+    earlier holder of ``replica``'s session logged and recorded but whose PUBACK never reached
+    the broker (its connection ended first): logging it again would write it twice.
+
+    Only redeliveries are asked about (at most the broker's in-flight window per connection).
+    When the database cannot answer, the message is logged: a duplicate can be removed, a loss
+    cannot.
+    """
+    if not delivery.redelivered or logged_before is None:
+        return delivery
+    try:
+        if key in logged_before([key]):
+            return delivery._replace(logged_elsewhere=True)
+    except IngestError as exc:
+        log.warning(
+            "cannot tell whether a redelivered message of replica %s's session was logged by "
+            "its previous holder (%s): logged again",
+            replica,
+            exc,
+        )
+    return delivery
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +117,7 @@ class SessionAdopter:
         key_of: KeyOf,
         record_keys: Callable[[list[str]], None],
         keep_claim: Callable[[], bool],
+        logged_before: LoggedBefore | None = None,
         receive_backlog_full: Callable[[], bool] = lambda: False,
         quiet_s: float = 1.0,
         stop: threading.Event | None = None,
@@ -100,6 +130,7 @@ class SessionAdopter:
         self._key_of = key_of
         self._record_keys = record_keys
         self._keep_claim = keep_claim
+        self._logged_before = logged_before
         self._backlog_full = receive_backlog_full
         self._quiet_s = quiet_s
         self._stop = stop or threading.Event()
@@ -291,14 +322,21 @@ class SessionAdopter:
         payload = bytes(message.payload)
         if message.qos == 0:
             return  # nothing queued for us is QoS 0 (we subscribed with QoS 1)
-        self._outstanding[message.mid] = self._key_of(message.topic, payload)
+        key = self._key_of(message.topic, payload)
+        self._outstanding[message.mid] = key
         self._messages += 1
         self._last_message_at = time.monotonic()
         # With its subscription identifier: a V2 envelope queued for a retired VIN-sharded
         # replica is then kept only if that replica's rule gave it the envelope.
         delivery = Delivery(
-            1, message.mid, message.qos, self._channel, matched_subscription(message)
+            1,
+            message.mid,
+            message.qos,
+            self._channel,
+            matched_subscription(message),
+            bool(message.dup),
         )
+        delivery = logged_by_earlier_holder(self._logged_before, self.replica, key, delivery)
         self._submit(message.topic, payload, delivery)
 
 

@@ -26,6 +26,10 @@ They coordinate through one small database, SQLite (replicas on one host) or Pos
 * ``hm_replica_returns`` (VIN-sharded mode): there a drain is a *hosting* that lasts until the
   member comes back; its refused ``try_join`` records a request here, which the host sees in
   ``renew_hosting`` and answers by handing the session back (``finish_drain``).
+* ``hm_replica_known`` and ``hm_replica_claims`` (VIN-sharded mode): the newest member list each
+  session reads the stream by, and the messages of VINs changing owner that a session claimed
+  (:mod:`ingest.replica.handover`); ``settled@<n>`` in ``hm_replica_settings`` records when the
+  group stopped having two sessions subscribed to one VIN after list ``n`` was published.
 
 Lifecycle of a replica ``r``: ``try_join`` (retry while it answers False: a drain of ``r`` is in
 progress), ``adopted_keys`` → dedupe index → ``forget_adopted``, then ``heartbeat`` every
@@ -152,6 +156,18 @@ _SCHEMA = (
         member TEXT PRIMARY KEY,
         requested_at DOUBLE PRECISION NOT NULL
     )""",
+    # VIN-sharded mode: the newest member list (epoch) each session's intake applies.
+    """CREATE TABLE IF NOT EXISTS hm_replica_known (
+        session TEXT PRIMARY KEY,
+        epoch INTEGER NOT NULL
+    )""",
+    # VIN-sharded mode: a message of a VIN changing owner, claimed by the first session to read
+    # it (claim_key: a hash of topic and payload, the same in every session's copy).
+    """CREATE TABLE IF NOT EXISTS hm_replica_claims (
+        claim_key TEXT PRIMARY KEY,
+        member TEXT NOT NULL,
+        claimed_at DOUBLE PRECISION NOT NULL
+    )""",
 )
 
 _UPSERT_MEMBER = """
@@ -186,6 +202,16 @@ _UPSERT_SETTING = """
 INSERT INTO hm_replica_settings (name, value) VALUES (?, ?)
 ON CONFLICT (name) DO UPDATE SET value = excluded.value
 """
+_UPSERT_KNOWN = """
+INSERT INTO hm_replica_known (session, epoch) VALUES (?, ?)
+ON CONFLICT (session) DO UPDATE SET epoch = excluded.epoch
+"""
+_INSERT_CLAIM = """
+INSERT INTO hm_replica_claims (claim_key, member, claimed_at) VALUES (?, ?, ?)
+ON CONFLICT (claim_key) DO NOTHING
+"""
+# Keys per SELECT ... IN (...): far below SQLite's limit on parameters (999 in old builds).
+_CLAIMS_PER_SELECT = 500
 _INSERT_ADOPTED = """
 INSERT INTO hm_replica_adopted (member, dedupe_key, adopted_by) VALUES (?, ?, ?)
 ON CONFLICT (member, dedupe_key) DO NOTHING
@@ -227,6 +253,8 @@ class _Dialect:
 
 # hm_replica_settings names of the published member lists by epoch: members@1, members@2, ...
 _MEMBERS_AT = "members@"
+# ... and of the time the group settled after each list (no VIN subscribed by two sessions).
+_SETTLED_AT = "settled@"
 
 
 def _member_lists(tx: _Tx) -> dict[int, list[str]]:
@@ -350,6 +378,10 @@ class Coordinator:
                 key=_CONFIG_KEY,
             ) from exc
         return coordinator
+
+    @property
+    def lease_s(self) -> float:
+        return self._lease_s
 
     # -- membership ---------------------------------------------------------------------------
 
@@ -510,6 +542,25 @@ class Coordinator:
             )
         return [key for (key,) in rows]
 
+    def adopted_among(self, member: str, keys: Sequence[str]) -> set[str]:
+        """Which of ``keys`` some replica holding ``member``'s session recorded as adopted (it
+        logged those messages): a redelivery of one of them to the next holder is not new."""
+        if not keys:
+            return set()
+        found: set[str] = set()
+        with self._read("read adopted keys") as tx:
+            for start in range(0, len(keys), _CLAIMS_PER_SELECT):
+                part = list(keys[start : start + _CLAIMS_PER_SELECT])
+                marks = ",".join("?" * len(part))
+                rows = tx.all(
+                    f"SELECT dedupe_key FROM hm_replica_adopted "  # noqa: S608 (marks)
+                    f"WHERE member = ? AND dedupe_key IN ({marks})",
+                    member,
+                    *part,
+                )
+                found.update(key for (key,) in rows)
+        return found
+
     def forget_adopted(self, keys: Sequence[str]) -> None:
         """Delete these adopted keys of mine (after my dedupe index holds them)."""
         if not keys:
@@ -653,6 +704,67 @@ class Coordinator:
         """Every member list the leader published, by epoch (1, 2, ...); the newest is in force."""
         with self._read("read members") as tx:
             return _member_lists(tx)
+
+    def settled_times(self) -> dict[int, float]:
+        """When the group settled after each member list (epoch → wall-clock seconds)."""
+        with self._read("read settled lists") as tx:
+            rows = tx.all(
+                "SELECT name, value FROM hm_replica_settings WHERE name >= ? AND name < ?",
+                _SETTLED_AT,
+                _SETTLED_AT[:-1] + chr(ord(_SETTLED_AT[-1]) + 1),
+            )
+        return {int(str(name).removeprefix(_SETTLED_AT)): float(value) for name, value in rows}
+
+    def mark_settled(self, epochs: Sequence[int]) -> None:
+        """Record now as the time the group settled after these lists (kept if already set)."""
+        if epochs:
+            with self._write("mark lists settled") as tx:
+                now = repr(self._clock())
+                tx.many(
+                    "INSERT INTO hm_replica_settings (name, value) VALUES (?, ?) "
+                    "ON CONFLICT (name) DO NOTHING",
+                    [(f"{_SETTLED_AT}{epoch}", now) for epoch in epochs],
+                )
+
+    # -- handovers of VINs between sessions (VIN-sharded mode) --------------------------------
+
+    def record_known(self, session: str, epoch: int) -> None:
+        """``session``'s intake reads the stream by member lists up to ``epoch``."""
+        with self._write("record known member list") as tx:
+            tx.run(_UPSERT_KNOWN, session, epoch)
+
+    def known_epochs(self) -> dict[str, int]:
+        """Each session's newest member list its intake reads by (:meth:`record_known`)."""
+        with self._read("read known member lists") as tx:
+            rows = tx.all("SELECT session, epoch FROM hm_replica_known")
+        return {str(session): int(epoch) for session, epoch in rows}
+
+    def claim(self, member: str, keys: Sequence[str]) -> dict[str, str]:
+        """Claim these message keys for ``member``'s session, in one transaction: each key's
+        claimant (``member`` where it was first, or already was; another member otherwise)."""
+        if not keys:
+            return {}
+        unique = sorted(set(keys))
+        claimants: dict[str, str] = {}
+        with self._write("claim messages") as tx:
+            now = self._clock()
+            tx.many(_INSERT_CLAIM, [(key, member, now) for key in unique])
+            for start in range(0, len(unique), _CLAIMS_PER_SELECT):
+                part = unique[start : start + _CLAIMS_PER_SELECT]
+                marks = ",".join("?" * len(part))
+                claimants.update(
+                    tx.all(
+                        f"SELECT claim_key, member FROM hm_replica_claims "  # noqa: S608 (marks)
+                        f"WHERE claim_key IN ({marks})",
+                        *part,
+                    )
+                )
+        return claimants
+
+    def forget_claims(self) -> int:
+        """Delete every claim (once no VIN is changing owner any more); how many there were."""
+        with self._write("forget claims") as tx:
+            return tx.run("DELETE FROM hm_replica_claims")
 
     # -- leader leases ------------------------------------------------------------------------
 

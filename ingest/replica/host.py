@@ -44,7 +44,7 @@ from ingest.mqtt import (
     SubscriptionIds,
     is_connection_loss,
 )
-from ingest.replica.adopt import KeyOf
+from ingest.replica.adopt import KeyOf, LoggedBefore, logged_by_earlier_holder
 
 log = logging.getLogger("ingest.replica.host")
 
@@ -68,14 +68,17 @@ class SessionHost:
         record_keys: Callable[[list[str]], None],
         filters: Callable[[], Sequence[str]],
         subscription_ids: SubscriptionIds | None = None,
+        logged_before: LoggedBefore | None = None,
     ) -> None:
         """``options`` carry the lost replica's client id; ``filters`` what its session should
         hold (subscribed only if the broker no longer has the session), ``subscription_ids``
-        the identifier of each (its V2 envelope rule)."""
+        the identifier of each (its V2 envelope rule); ``logged_before`` which keys an earlier
+        holder of the session recorded (:func:`ingest.replica.adopt.logged_by_earlier_holder`)."""
         self.replica = replica
         self._submit = submit
         self._key_of = key_of
         self._record_keys = record_keys
+        self._logged_before = logged_before
         self._session = MqttSession(
             options,
             self._on_message,
@@ -104,6 +107,8 @@ class SessionHost:
         self._closing = False  # stop() began: ack() takes nothing more
         self._flusher: threading.Thread | None = None
         self.messages = 0  # messages handed to intake
+        # Of them, redeliveries an earlier holder had logged: acknowledged, not logged again.
+        self.logged_before = 0
 
     # -- lifecycle (caller's thread) ----------------------------------------------------------
 
@@ -292,6 +297,10 @@ class SessionHost:
             if key is not None:
                 self._keys[(delivery.generation, delivery.mid)] = key
             self.messages += 1
+        if key is not None:
+            delivery = logged_by_earlier_holder(self._logged_before, self.replica, key, delivery)
+            if delivery.logged_elsewhere:
+                self.logged_before += 1
         self._submit(topic, payload, delivery)
 
     def _on_state(self, state: str, cause: str) -> None:

@@ -56,6 +56,8 @@ class ReplicaRuntime:
         # Every list the leader published, by epoch, and the epoch of ``members`` (0: none yet).
         self.member_lists: dict[int, list[str]] = {}
         self.epoch = 0
+        # When the group settled after each list (ingest.replica.handover), by epoch.
+        self.settled_at: dict[int, float] = {}
         self._metrics = metrics
         self.replica = coordinator.replica
         self.role = Role()
@@ -178,6 +180,8 @@ class ReplicaRuntime:
             lists = await self._call(self.coordinator.member_lists)
             published = lists[max(lists)]
         if lists:
+            # Replaced, never changed in place: the intake thread reads both.
+            self.settled_at = await self._call(self.coordinator.settled_times)
             self.member_lists, self.epoch = lists, max(lists)
         if published is None or published == self.members:
             return

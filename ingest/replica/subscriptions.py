@@ -12,7 +12,11 @@ hosts (:mod:`ingest.replica.host`). :meth:`SubscriptionSync.step` runs every hea
 4. with ``envelopes`` (MQTT 5), before the rest: the V2 topic with this session's envelope rule
    (:mod:`ingest.replica.envelopes`), widened on a new member list and narrowed once every
    member's session covers it; without, the V2 topic is one more filter with one owner;
-5. UNSUBSCRIBE a filter this member no longer owns (the member list changed) only once another
+5. a filter another session holds (its VIN moved here), or a rule taking on a new list, only once
+   every session concerned has recorded that its intake reads by the new list, so it claims the
+   moved VINs' messages from then on (:mod:`ingest.replica.handover`): a message both sessions
+   receive is then written once;
+6. UNSUBSCRIBE a filter this member no longer owns (the member list changed) only once another
    session has recorded it: the new owner subscribes first. Dropping it first would open a gap
    in which the broker discards that VIN's messages; the overlap instead delivers a message
    published in it to both sessions (see docs/scaling.md). Whether it may go is decided and
@@ -23,7 +27,8 @@ hosts (:mod:`ingest.replica.host`). :meth:`SubscriptionSync.step` runs every hea
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +42,11 @@ from ingest.replica.shards import filters_of, vin_filter
 
 log = logging.getLogger("ingest.replica.subscriptions")
 
+# How many leases a new owner waits for a session that has not recorded a new member list
+# (neither it nor a host for it heartbeats) before taking the moved VINs anyway: their messages
+# may then be written twice, which beats a VIN left to a session nobody runs.
+KNOWN_LIST_WAIT_LEASES = 3.0
+
 
 @dataclass(frozen=True, slots=True)
 class SyncReport:
@@ -44,6 +54,8 @@ class SyncReport:
     unsubscribed: int = 0
     # Filters this member no longer owns, kept until their new owner has subscribed.
     awaiting_new_owner: int = 0
+    # Filters this member now owns, not subscribed until their holder reads by the new list.
+    awaiting_handover: int = 0
 
 
 @dataclass
@@ -95,6 +107,10 @@ class SubscriptionSync:
         self._leaving: set[str] = set()
         # The envelope rule of a SUBSCRIBE in progress: the identifier it goes out with.
         self._rule_sent: EnvelopeRule | None = None
+        # The newest member list recorded as read by this session's intake.
+        self._known = 0
+        # (epoch, since when) a session concerned has not recorded the list: see _not_behind.
+        self._waiting: tuple[int, float] | None = None
 
     def held(self) -> list[str]:
         """What the session holds: subscribed again when the broker lost the session."""
@@ -166,6 +182,7 @@ class SubscriptionSync:
         Raises BrokerError when the session cannot subscribe now (the next step retries), or
         CoordinationError when the database is unreachable.
         """
+        self._record_known()
         if self._envelopes:
             self._step_envelopes(session)
         held = set(self.held())
@@ -175,6 +192,8 @@ class SubscriptionSync:
         # A filter it was leaving and owns again (the member list changed back) is subscribed
         # again too: its UNSUBSCRIBE may have gone out already.
         missing = sorted((desired - held) | (desired & self._leaving))
+        held_elsewhere = self._waiting_for_others(missing)
+        missing = [f for f in missing if f not in held_elsewhere]
         if missing:
             session.subscribe(missing)
             self._runtime.call(self._coordinator.record_subscribed, self.member, missing)
@@ -189,7 +208,7 @@ class SubscriptionSync:
             )
         surplus = sorted(held - desired)
         if not surplus:
-            return SyncReport(subscribed=len(missing))
+            return SyncReport(subscribed=len(missing), awaiting_handover=len(held_elsewhere))
         leaving = self._runtime.call(self._coordinator.mark_leaving, self.member, surplus)
         if leaving:
             self._leaving.update(leaving)
@@ -206,7 +225,59 @@ class SubscriptionSync:
             subscribed=len(missing),
             unsubscribed=len(leaving),
             awaiting_new_owner=len(surplus) - len(leaving),
+            awaiting_handover=len(held_elsewhere),
         )
+
+    def _record_known(self) -> None:
+        """Record that this session's intake reads by the newest list (it does: the intake reads
+        the same runtime), before this step acts on that list."""
+        epoch = self._runtime.epoch
+        if epoch and epoch != self._known:
+            self._runtime.call(self._coordinator.record_known, self.member, epoch)
+            self._known = epoch
+
+    def _waiting_for_others(self, missing: Sequence[str]) -> set[str]:
+        """Of ``missing``, the filters another session holds that has not recorded the newest
+        list yet: subscribing them now would route messages to a session not claiming them."""
+        if not missing:
+            return set()
+        subscriptions = self._runtime.call(self._coordinator.subscriptions)
+        others = {f: subscriptions.get(f, set()) - {self.member} for f in missing}
+        behind = self._behind({h for holders in others.values() for h in holders})
+        return {f for f, holders in others.items() if holders & behind}
+
+    def _behind(self, sessions: Collection[str]) -> set[str]:
+        """Of ``sessions``, those that have not recorded the newest list, if we still wait."""
+        epoch = self._runtime.epoch
+        if not sessions or not epoch:
+            return set()
+        known = self._runtime.call(self._coordinator.known_epochs)
+        behind = {s for s in sessions if known.get(s, 0) < epoch}
+        if not behind:
+            return set()
+        now = time.monotonic()
+        wait_s = KNOWN_LIST_WAIT_LEASES * self._coordinator.lease_s
+        if self._waiting is None or self._waiting[0] != epoch:
+            self._waiting = (epoch, now)
+            log.info(
+                "replica %s: waits for %s to read by member list %d before taking over VINs "
+                "from them",
+                self.member,
+                ", ".join(sorted(behind)),
+                epoch,
+            )
+        if now - self._waiting[1] < wait_s:
+            return behind
+        log.warning(
+            "replica %s: %s ha%s not read by member list %d for %.0f s: taking over their VINs "
+            "anyway; messages both receive may be written twice",
+            self.member,
+            ", ".join(sorted(behind)),
+            "s" if len(behind) == 1 else "ve",
+            epoch,
+            now - self._waiting[1],
+        )
+        return set()
 
     def _step_envelopes(self, session: FilterSession) -> None:
         """Bring the session's envelope rule to what the group's member lists ask for."""
@@ -230,6 +301,11 @@ class SubscriptionSync:
             return
         if stale == [wanted.record]:
             return
+        if wanted.covers(epoch) and (current is None or not current.covers(epoch)):
+            # Taking on the new list: every other session keeping envelopes must claim first.
+            others = set(rules) - {self.member}
+            if self._behind(others):
+                return
         # Until it is recorded, a reconnect that finds no session subscribes the new rule too.
         self._rule_sent = wanted
         try:

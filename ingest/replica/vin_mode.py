@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from ingest.errors import BrokerError, IngestError
 from ingest.metrics import Metrics
 from ingest.mqtt import FilterSession
 from ingest.replica.coordination import CoordinationError
+from ingest.replica.handover import open_epochs, overlapping
 from ingest.replica.host import SessionHost
 from ingest.replica.runtime import ReplicaRuntime
 from ingest.replica.subscriptions import SubscriptionSync
@@ -47,6 +49,10 @@ class VinSharding:
     metrics: Metrics
     # Every session takes the V2 topic and keeps its VINs' envelopes (ingest.replica.envelopes).
     envelopes: bool = False
+    # [replica] handover_window_s (ingest.replica.handover).
+    handover_window_s: float = 900.0
+    # The newest list whose claims were deleted after its window closed.
+    _claims_forgotten_for: int = 0
 
     def sync_for(self, member: str) -> SubscriptionSync:
         return SubscriptionSync(
@@ -68,11 +74,47 @@ class VinSharding:
                 self.metrics.topic_filters.set(len(sync.held()))
                 rule = sync.rule()
                 self.metrics.envelope_rule_lists.set(0 if rule is None else rule.hi - rule.lo + 1)
+                if self.runtime.role.leader:
+                    await asyncio.to_thread(self.settle_handovers)
             except IngestError as exc:
                 # Not connected right now, or the database is away: the next round retries.
                 log.warning("subscriptions not brought in step yet, retrying: %s", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.interval_s)
+
+    def settle_handovers(self) -> None:
+        """The leader's part in handovers (ingest.replica.handover): record when the group
+        settled after a member list, and delete the claims once every list's window is over."""
+        runtime = self.runtime
+        lists, settled_at = runtime.member_lists, runtime.settled_at
+        epoch = runtime.epoch
+        unsettled = [e for e in lists if e > 1 and e not in settled_at]
+        if unsettled:
+            why = overlapping(
+                runtime.call(runtime.coordinator.subscriptions),
+                prefix=self.prefix,
+                members=lists[epoch],
+                epoch=epoch,
+                envelopes=self.envelopes,
+            )
+            if why is not None:
+                log.debug("member list %d not settled yet: %s", epoch, why)
+                return
+            runtime.call(runtime.coordinator.mark_settled, unsettled)
+            log.info(
+                "the group settled on member list %d: every VIN with one session, its owner's; "
+                "moved VINs' messages are claimed for %.0f s more",
+                epoch,
+                self.handover_window_s,
+            )
+            return
+        if epoch > max(self._claims_forgotten_for, 1) and not open_epochs(
+            lists, settled_at, time.time(), self.handover_window_s
+        ):
+            forgotten = runtime.call(runtime.coordinator.forget_claims)
+            self._claims_forgotten_for = epoch
+            if forgotten:
+                log.info("deleted %d handover claim(s): no VIN is changing owner", forgotten)
 
     async def host(self, member: str, make_host: HostFactory) -> bool:
         """Host ``member``'s session until it asks for it back, or raise.
@@ -126,9 +168,11 @@ class VinSharding:
             await asyncio.to_thread(host.release, RELEASE_TIMEOUT_S)
             handed_back = True
             log.info(
-                "released the session of replica %s (%d message(s) taken while hosting)%s",
+                "released the session of replica %s (%d message(s) taken while hosting, %d of "
+                "them redeliveries its previous holder had logged)%s",
                 member,
                 host.messages,
+                host.logged_before,
                 "; it left the member list and its VINs have new owners: deleting the session"
                 if retired
                 else "",

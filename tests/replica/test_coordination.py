@@ -630,6 +630,46 @@ def test_lost_postgresql_connection_reconnects(
         assert a.heartbeat(), "the next call reconnects"
 
 
+# -- handovers (VIN-sharded mode) -------------------------------------------------------------
+
+
+def test_the_first_claimant_of_a_message_keeps_it_and_asking_again_changes_nothing(
+    open_coordinator: Callable[[str], Coordinator],
+) -> None:
+    a, b = open_coordinator("a"), open_coordinator("b")
+    assert a.claim("a", ["k1", "k2", "k2"]) == {"k1": "a", "k2": "a"}
+    assert b.claim("b", ["k2", "k3"]) == {"k2": "a", "k3": "b"}
+    assert a.claim("a", ["k1", "k3"]) == {"k1": "a", "k3": "b"}, "a redelivery: the same answer"
+    # A host claims for the member it hosts, whose own coordinator later finds the claim its own.
+    assert a.claim("c", ["k4"]) == {"k4": "c"}
+    assert open_coordinator("c").claim("c", ["k4"]) == {"k4": "c"}
+    many = [f"key-{n}" for n in range(1_234)]  # more than one SELECT's worth of keys
+    assert b.claim("b", many) == dict.fromkeys(many, "b")
+    assert a.forget_claims() == 4 + len(many)
+    assert a.claim("a", ["k2"]) == {"k2": "a"}, "forgotten: free to claim"
+
+
+def test_known_lists_and_settled_times_are_recorded(
+    open_coordinator: Callable[[str], Coordinator], clock: FakeClock
+) -> None:
+    a, b = open_coordinator("a"), open_coordinator("b")
+    assert a.known_epochs() == {}
+    a.record_known("a", 1)
+    b.record_known("b", 2)
+    a.record_known("a", 2)
+    a.record_known("c", 1)  # a hosted member, recorded by its host
+    assert b.known_epochs() == {"a": 2, "b": 2, "c": 1}
+    assert b.settled_times() == {}
+    a.mark_settled([2, 3])
+    clock.advance(5)
+    b.mark_settled([3, 4])  # 3 is kept at the first time
+    assert a.settled_times() == {2: T0, 3: T0, 4: T0 + 5}
+    # Settled times live beside the member lists and are not taken for one.
+    assert a.try_lead()
+    assert a.publish_members(["a", "b"])
+    assert b.member_lists() == {1: ["a", "b"]}
+
+
 def test_postgresql_tables_live_in_the_urls_schema(pg_schema: tuple[str, Any]) -> None:
     url, admin = pg_schema
     schema = url.rsplit("%3D", 1)[1]
@@ -641,8 +681,10 @@ def test_postgresql_tables_live_in_the_urls_schema(pg_schema: tuple[str, Any]) -
     ).fetchall()
     assert [t for _, t in tables] == [
         "hm_replica_adopted",
+        "hm_replica_claims",
         "hm_replica_drains",
         "hm_replica_expected",
+        "hm_replica_known",
         "hm_replica_leases",
         "hm_replica_members",
         "hm_replica_returns",

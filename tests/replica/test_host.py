@@ -105,6 +105,7 @@ def hosts() -> Iterator[Callable[..., SessionHost]]:
         intake: Intake,
         record_keys: Callable[[list[str]], None],
         filters: Callable[[], list[str]] = lambda: FILTERS,
+        logged_before: Callable[[list[str]], set[str]] | None = None,
     ) -> SessionHost:
         host = SessionHost(
             options,
@@ -114,6 +115,7 @@ def hosts() -> Iterator[Callable[..., SessionHost]]:
             key_of=message_key_function(APP_ID, 1 << 20),
             record_keys=record_keys,
             filters=filters,
+            logged_before=logged_before,
         )
         intake.host = host
         made.append(host)
@@ -207,6 +209,53 @@ def test_queued_messages_reach_intake_and_no_puback_leaves_before_their_keys_are
         wait_until(lambda: bool(replica.received), "the marker")
         time.sleep(0.2)
         assert replica.received == [marker[0].payload]
+
+
+def test_a_redelivery_an_earlier_holder_logged_is_marked_so_intake_does_not_log_it_again(
+    broker: MosquittoBroker,
+    certs: CertBundle,
+    options: MqttOptions,
+    hosts: Callable[..., SessionHost],
+) -> None:
+    """A host logs messages and records their keys, but its connection ends before the broker
+    reads their PUBACKs (or it dies): the next host gets them again, flagged DUP. Those whose
+    keys an earlier holder recorded are marked ``logged_elsewhere``; the rest are new to it."""
+    leave_a_session(options)
+    messages = traffic(30, seed=3)
+    publish(broker, certs, messages)
+    first = Intake()
+    first.host = hosts(options, first, lambda _keys: None)
+    # The first host's intake never acknowledges: what it received stays in flight.
+    first.host.ack = lambda _delivery: False  # type: ignore[method-assign]
+    first.host.start()
+    assert first.host.wait_connected(DEADLINE_S) is True
+    wait_until(lambda: len(first.received) == DEFAULT_MAX_INFLIGHT_MESSAGES, "a full window")
+    logged = {m.message_id for m in messages if m.payload in set(first.payloads()[:12])}
+    first.host.stop()
+    first.close()
+
+    asked: list[list[str]] = []
+
+    def logged_before(keys: list[str]) -> set[str]:
+        asked.append(keys)
+        return set(keys) & logged
+
+    second = Intake()
+    try:
+        host = hosts(options, second, lambda _keys: None, logged_before=logged_before)
+        host.start()
+        assert host.wait_connected(DEADLINE_S) is True
+        wait_until(lambda: len(second.received) == len(messages), "every message")
+    finally:
+        second.close()
+    by_payload = {payload: delivery for _, payload, delivery in second.received}
+    in_flight = set(first.payloads())
+    for message in messages:
+        delivery = by_payload[message.payload]
+        assert delivery.redelivered == (message.payload in in_flight), message.message_id
+        assert delivery.logged_elsewhere == (message.message_id in logged), message.message_id
+    assert host.logged_before == len(logged) == 12
+    assert len(asked) == DEFAULT_MAX_INFLIGHT_MESSAGES, "only redeliveries are looked up"
 
 
 def test_keys_that_cannot_be_recorded_end_hosting_and_nothing_is_acknowledged(

@@ -7,6 +7,7 @@ tests/test_mqtt_filters.py, and the whole loop by tests/replica/test_vin_replica
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -15,11 +16,17 @@ from prometheus_client import CollectorRegistry
 
 from ingest.errors import BrokerError
 from ingest.metrics import Metrics
+from ingest.replica import subscriptions
 from ingest.replica.coordination import Coordinator
 from ingest.replica.envelopes import RULE_RECORD, EnvelopeRule
 from ingest.replica.runtime import ReplicaRuntime
 from ingest.replica.shards import APP_TOPIC_KEY, filters_of, owner, vin_filter
-from ingest.replica.subscriptions import DesiredVins, SubscriptionSync, subscribed_vins
+from ingest.replica.subscriptions import (
+    KNOWN_LIST_WAIT_LEASES,
+    DesiredVins,
+    SubscriptionSync,
+    subscribed_vins,
+)
 from ingest.replica.vin_mode import VinSharding
 
 PREFIX = "live/level13/app-1"
@@ -281,19 +288,23 @@ def test_envelope_rules_widen_on_a_new_list_and_narrow_once_every_member_covers_
     assert syncs["r3"].rule() is None, "not in the list: takes no envelope"
     assert PREFIX not in sessions["r3"].filters
 
-    # The leader is configured with r3 too: list 2. r0 widens at once, r1 and r2 lag behind.
+    # The leader is configured with r3 too: list 2. r0 has read it, r1 and r2 lag behind: r0
+    # does not take on list 2 while they keep envelopes by list 1 without claiming list 2's
+    # moved VINs (ingest.replica.handover), or an envelope both keep would be written twice.
     leader.configured_members = ["r0", "r1", "r2", "r3"]
     asyncio.run(leader.follow_members())
     step("r0")
-    assert syncs["r0"].rule() == EnvelopeRule(1, 2)
+    assert syncs["r0"].rule() == one, "r1 and r2 have not read list 2"
     for name in ("r1", "r2", "r3"):
         asyncio.run(runtimes[name].follow_members())
     step("r1", "r3")
+    assert syncs["r1"].rule() == one, "r2 has not read list 2"
+    assert syncs["r3"].rule() is None, "waits for r2 as well"
+    step("r2")
+    assert syncs["r2"].rule() == EnvelopeRule(1, 2), "everyone has read list 2: it widens"
+    step("r0", "r1", "r3")
     assert syncs["r3"].rule() == EnvelopeRule.of(2), "a new session: the list in force"
-    assert syncs["r1"].rule() == EnvelopeRule(1, 2), "r2 does not cover list 2 yet"
-    step("r0", "r1")
     assert syncs["r0"].rule() == syncs["r1"].rule() == EnvelopeRule(1, 2)
-    step("r2")  # the last member of list 2 to cover it: widened, and now it is settled
     step("r0", "r1", "r2")
     for name in ("r0", "r1", "r2", "r3"):
         assert syncs[name].rule() == EnvelopeRule.of(2), name
@@ -389,3 +400,84 @@ def test_back_on_mqtt_3_the_v2_topic_is_one_filter_again_and_only_its_owner_keep
         assert PREFIX not in syncs[member].held()
     assert coordinator.subscriptions_starting(RULE_RECORD) == {}
     assert coordinator.subscriptions_starting(PREFIX)[PREFIX] == {app_owner}
+
+
+def test_a_moved_vin_is_taken_over_only_once_its_holder_claims_its_messages(
+    runtimes: dict[str, ReplicaRuntime],
+) -> None:
+    """r3 subscribes a VIN that moved to it only once the session holding it has recorded that
+    it reads by the new list, so every message both receive is claimed by both."""
+    leader = _leading(runtimes["r0"])
+    for runtime in runtimes.values():
+        asyncio.run(runtime.follow_members())
+    syncs = {
+        name: SubscriptionSync(
+            member=name,
+            members=lambda runtime=runtimes[name]: runtime.members,  # type: ignore[misc]
+            prefix=PREFIX,
+            runtime=runtimes[name],
+            vins=lambda: VINS,
+        )
+        for name in ("r0", "r1", "r2", "r3")
+    }
+    sessions = {name: RecordingSession() for name in syncs}
+    for name in ("r0", "r1", "r2"):
+        syncs[name].step(sessions[name])
+    new = ["r0", "r1", "r2", "r3"]
+    moved = {vin_filter(PREFIX, v) for v in VINS if owner(v, new) == "r3"}
+    from_r1 = {f for f in moved if f in sessions["r1"].filters}
+    assert from_r1, "some of r3's VINs come from r1"
+
+    leader.configured_members = new
+    asyncio.run(leader.follow_members())
+    asyncio.run(runtimes["r3"].follow_members())
+    syncs["r0"].step(sessions["r0"])  # r0 reads by list 2; r1 and r2 do not yet
+    report = syncs["r3"].step(sessions["r3"])
+    from_r0 = {f for f in moved if f in sessions["r0"].filters}
+    from_r2 = {f for f in moved if f in sessions["r2"].filters}
+    assert from_r0
+    assert from_r2
+    assert sessions["r3"].filters - {PREFIX} == from_r0, "only r0's: r1 and r2 do not claim yet"
+    assert report.awaiting_handover == len(moved) - len(from_r0)
+    asyncio.run(runtimes["r1"].follow_members())
+    syncs["r1"].step(sessions["r1"])
+    syncs["r3"].step(sessions["r3"])
+    assert from_r1 <= sessions["r3"].filters, "r1 reads by list 2: its VINs are taken over"
+    assert not from_r2 & sessions["r3"].filters, "r2 still does not"
+
+
+def test_a_holder_that_never_reads_the_new_list_is_not_waited_for_forever(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path / 'c.sqlite3'}"
+    lease_s = 0.2
+    runtimes = {
+        name: ReplicaRuntime(
+            Coordinator.open(url, replica=name, lease_s=lease_s),
+            heartbeat_s=0.1,
+            members=["r0"],
+        )
+        for name in ("r0", "r1")
+    }
+    try:
+        leader = _leading(runtimes["r0"])
+        sync = SubscriptionSync(
+            member="r0",
+            members=lambda: leader.members,
+            prefix=PREFIX,
+            runtime=leader,
+            vins=lambda: VINS,
+        )
+        session = RecordingSession()
+        # r1's session holds some of r0's VINs and never records a list (a stale record).
+        stale = sorted(filters_of("r0", ["r0"], PREFIX, VINS))[:5]
+        leader.coordinator.record_subscribed("r1", stale)
+        assert sync.step(session).awaiting_handover == 5
+        assert not set(stale) & session.filters
+        clock = [time.monotonic() + KNOWN_LIST_WAIT_LEASES * lease_s + 1]
+        monkeypatch.setattr(subscriptions.time, "monotonic", lambda: clock[0])
+        assert sync.step(session).awaiting_handover == 0
+        assert set(stale) <= session.filters, "taken over after the wait"
+    finally:
+        for runtime in runtimes.values():
+            runtime.coordinator.close()
