@@ -461,13 +461,7 @@ def test_a_holder_that_never_reads_the_new_list_is_not_waited_for_forever(
     }
     try:
         leader = _leading(runtimes["r0"])
-        sync = SubscriptionSync(
-            member="r0",
-            members=lambda: leader.members,
-            prefix=PREFIX,
-            runtime=leader,
-            vins=lambda: VINS,
-        )
+        sync = _sync(leader, "r0", leader.members, VINS)
         session = RecordingSession()
         # r1's session holds some of r0's VINs and never records a list (a stale record).
         stale = sorted(filters_of("r0", ["r0"], PREFIX, VINS))[:5]
