@@ -350,8 +350,8 @@ def _vin_mode_findings(
             "replica.members",
             f"replica.members {','.join(configured)} differs from the group's list "
             f"{','.join(published)} (the leader's): finish the change on every replica "
-            "(HM_INGEST_REPLICA_MEMBERS); VINs that change owner are written twice while two "
-            "replicas subscribe them",
+            "(HM_INGEST_REPLICA_MEMBERS); VINs that change owner reach two replicas meanwhile "
+            "and each of their messages costs a claim in the coordination database",
         )
     strangers = sorted({m.replica for m in members if m.alive} - set(group))
     if strangers:
@@ -394,8 +394,8 @@ def _envelope_finding(
         "mqtt.protocol",
         f"the member list changed (list {epoch}) and {', '.join(waiting)} do not take V2 "
         "envelopes by it yet: until they do, every session also keeps the envelopes the older "
-        "list gives it, so moved VINs' envelopes are written twice (start the replicas listed, "
-        "or finish the rolling change)",
+        "list gives it, and moved VINs' envelopes are claimed in the coordination database "
+        "before they are written (start the replicas listed, or finish the rolling change)",
     )
 
 

@@ -25,9 +25,10 @@ A session's rule moves in two steps, like the per-VIN filters' subscribe-before-
 
 So at every moment of routing some list is in every needed session's rule (the old one until all
 have widened, then the new one), and that list's owner keeps the envelope: nothing is dropped by
-all. Sessions that disagree for a moment both keep it: written twice, as a per-VIN message in a
-filter's overlap (see docs/scaling.md). A rule that starts at epoch 0 keeps every envelope; it
-stands for a session that held the V2 topic before rules existed (the single owner of the topic).
+all. Sessions that disagree for a moment both keep it, and claim it before logging it, as a
+per-VIN message in a filter's overlap (:mod:`ingest.replica.handover`): one of them writes it.
+A rule that starts at epoch 0 keeps every envelope; it stands for a session that held the V2
+topic before rules existed (the single owner of the topic).
 """
 
 from __future__ import annotations
