@@ -49,12 +49,16 @@ CHUNK_ROWS = 8192
 _POOL = pa.system_memory_pool()
 
 
+def content_digest(topic: str, payload: bytes) -> str:
+    """A hash of one received message's topic and payload: the same for every copy of it."""
+    return hashlib.blake2b(topic.encode() + b"\0" + payload, digest_size=16).hexdigest()
+
+
 def dedupe_key(decoded: Decoded, record: LogRecord) -> str:
     """HM's message_id; a payload with none (it is quarantined) is keyed by its content."""
     if decoded.message_id:
         return decoded.message_id
-    digest = hashlib.blake2b(record.topic.encode() + b"\0" + record.payload, digest_size=16)
-    return "content:" + digest.hexdigest()
+    return "content:" + content_digest(record.topic, record.payload)
 
 
 class _ChunkedTable:

@@ -211,7 +211,7 @@ INSERT INTO hm_replica_claims (claim_key, member, claimed_at) VALUES (?, ?, ?)
 ON CONFLICT (claim_key) DO NOTHING
 """
 # Keys per SELECT ... IN (...): far below SQLite's limit on parameters (999 in old builds).
-_CLAIMS_PER_SELECT = 500
+_KEYS_PER_SELECT = 500
 _INSERT_ADOPTED = """
 INSERT INTO hm_replica_adopted (member, dedupe_key, adopted_by) VALUES (?, ?, ?)
 ON CONFLICT (member, dedupe_key) DO NOTHING
@@ -271,6 +271,17 @@ def _member_lists(tx: _Tx) -> dict[int, list[str]]:
     if current is not None and not lists:
         lists[1] = current  # published before lists had epochs: that one is the first
     return lists
+
+
+def _rows_in(tx: _Tx, select: str, keys: Sequence[str], *params: object) -> list[tuple[Any, ...]]:
+    """``select`` (ending in "IN") for ``keys``, _KEYS_PER_SELECT at a time; ``params`` fill the
+    marks before the IN list."""
+    rows: list[tuple[Any, ...]] = []
+    for start in range(0, len(keys), _KEYS_PER_SELECT):
+        part = list(keys[start : start + _KEYS_PER_SELECT])
+        marks = ",".join("?" * len(part))
+        rows.extend(tx.all(f"{select} ({marks})", *params, *part))
+    return rows
 
 
 def redact_url(url: str) -> str:
@@ -547,19 +558,14 @@ class Coordinator:
         logged those messages): a redelivery of one of them to the next holder is not new."""
         if not keys:
             return set()
-        found: set[str] = set()
         with self._read("read adopted keys") as tx:
-            for start in range(0, len(keys), _CLAIMS_PER_SELECT):
-                part = list(keys[start : start + _CLAIMS_PER_SELECT])
-                marks = ",".join("?" * len(part))
-                rows = tx.all(
-                    f"SELECT dedupe_key FROM hm_replica_adopted "  # noqa: S608 (marks)
-                    f"WHERE member = ? AND dedupe_key IN ({marks})",
-                    member,
-                    *part,
-                )
-                found.update(key for (key,) in rows)
-        return found
+            rows = _rows_in(
+                tx,
+                "SELECT dedupe_key FROM hm_replica_adopted WHERE member = ? AND dedupe_key IN",
+                keys,
+                member,
+            )
+        return {key for (key,) in rows}
 
     def forget_adopted(self, keys: Sequence[str]) -> None:
         """Delete these adopted keys of mine (after my dedupe index holds them)."""
@@ -745,21 +751,13 @@ class Coordinator:
         if not keys:
             return {}
         unique = sorted(set(keys))
-        claimants: dict[str, str] = {}
         with self._write("claim messages") as tx:
             now = self._clock()
             tx.many(_INSERT_CLAIM, [(key, member, now) for key in unique])
-            for start in range(0, len(unique), _CLAIMS_PER_SELECT):
-                part = unique[start : start + _CLAIMS_PER_SELECT]
-                marks = ",".join("?" * len(part))
-                claimants.update(
-                    tx.all(
-                        f"SELECT claim_key, member FROM hm_replica_claims "  # noqa: S608 (marks)
-                        f"WHERE claim_key IN ({marks})",
-                        *part,
-                    )
-                )
-        return claimants
+            rows = _rows_in(
+                tx, "SELECT claim_key, member FROM hm_replica_claims WHERE claim_key IN", unique
+            )
+        return dict(rows)
 
     def forget_claims(self) -> int:
         """Delete every claim (once no VIN is changing owner any more); how many there were."""

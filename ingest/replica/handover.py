@@ -35,12 +35,12 @@ window has closed.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from ingest.batch import content_digest
 from ingest.errors import IngestError
 from ingest.metrics import Metrics
 from ingest.mqtt import Delivery
@@ -55,11 +55,6 @@ Received = tuple[str, bytes, Delivery]
 Claim = Callable[[str, Sequence[str]], Mapping[str, str]]
 # A failed claim is logged at most this often (every group would fail while the database is away).
 CLAIM_ERROR_LOG_INTERVAL_S = 60.0
-
-
-def claim_key(topic: str, payload: bytes) -> str:
-    """The key both copies of one routed message share."""
-    return hashlib.blake2b(topic.encode() + b"\0" + payload, digest_size=16).hexdigest()
 
 
 def open_epochs(
@@ -157,7 +152,7 @@ class MessageOwnership:
                 continue
             member = self.member_of(delivery.channel)
             if member is not None:  # a session being let go: kept, as in every doubt
-                to_claim.setdefault(member, []).append((index, claim_key(topic, payload)))
+                to_claim.setdefault(member, []).append((index, content_digest(topic, payload)))
         for member, claims in to_claim.items():
             self._settle_claims(member, claims, kept)
         return kept

@@ -109,8 +109,10 @@ class SubscriptionSync:
         self._rule_sent: EnvelopeRule | None = None
         # The newest member list recorded as read by this session's intake.
         self._known = 0
-        # (epoch, since when) a session concerned has not recorded the list: see _not_behind.
+        # (epoch, since when) a session concerned has not recorded the list: see _behind.
         self._waiting: tuple[int, float] | None = None
+        # The newest list whose wait ran out (its warning is logged once).
+        self._gave_up_on = 0
 
     def held(self) -> list[str]:
         """What the session holds: subscribed again when the broker lost the session."""
@@ -268,6 +270,9 @@ class SubscriptionSync:
             )
         if now - self._waiting[1] < wait_s:
             return behind
+        if self._gave_up_on == epoch:
+            return set()
+        self._gave_up_on = epoch
         log.warning(
             "replica %s: %s ha%s not read by member list %d for %.0f s: taking over their VINs "
             "anyway; messages both receive may be written twice",

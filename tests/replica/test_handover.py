@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from ingest.batch import content_digest
 from ingest.metrics import Metrics
 from ingest.mqtt import Delivery
 from ingest.replica.coordination import CoordinationError, Coordinator
 from ingest.replica.envelopes import EnvelopeRule
 from ingest.replica.handover import (
     MessageOwnership,
-    claim_key,
     moving,
     open_epochs,
     overlapping,
@@ -169,8 +169,8 @@ def test_messages_of_vins_that_stay_put_are_kept_without_asking(
     ownership = _ownership(member, coordinators[member], metrics=metrics)
     assert ownership.keep([_message(staying, n) for n in range(5)]) == [True] * 5
     assert metrics.handover_claims.labels("own")._value.get() == 0  # type: ignore[attr-defined]
-    assert coordinators[member].claim("r9", [claim_key(*_message(staying, 0)[:2])]) == {
-        claim_key(*_message(staying, 0)[:2]): "r9"
+    assert coordinators[member].claim("r9", [content_digest(*_message(staying, 0)[:2])]) == {
+        content_digest(*_message(staying, 0)[:2]): "r9"
     }, "nothing was claimed for it"
 
 
@@ -181,7 +181,7 @@ def test_claims_stop_a_window_after_the_group_settled(
     clock = Clock()
     new = _ownership("r3", coordinators["r3"], settled_at={2: T0}, clock=clock)
     old_owner = owner(vin, OLD)
-    coordinators[old_owner].claim(old_owner, [claim_key(*_message(vin, 1)[:2])])
+    coordinators[old_owner].claim(old_owner, [content_digest(*_message(vin, 1)[:2])])
     clock.now = T0 + WINDOW_S - 1
     assert new.keep([_message(vin, 1)]) == [False], "within the window: claimed by the old owner"
     clock.now = T0 + WINDOW_S
