@@ -47,12 +47,12 @@ from ingest.mqtt import (
     classify_tls_failure,
     tls_context,
 )
+from ingest.tls_stream import TlsStream
 
 LOGGER = logging.getLogger("ingest.mqtt")
 
 # Read at most this much per wake-up before parsing: many packets per pass, bounded memory.
 READ_BUDGET = 1024 * 1024
-RECV_SIZE = 256 * 1024
 # While reading is paused, how often to look whether it may resume.
 PAUSED_POLL_S = 0.01
 # MQTT 3.1.1 control packet types (high nibble of the first byte).
@@ -178,20 +178,24 @@ class NativeMqttSession(SupervisedSession):
         except OSError as exc:
             return False, f"{type(exc).__name__}: {exc}", None
         try:
-            sock = self._ctx.wrap_socket(
-                raw, server_hostname=opts.host if opts.verify_hostname else None
+            stream = TlsStream(
+                raw,
+                self._ctx,
+                server_hostname=opts.host if opts.verify_hostname else None,
+                timeout_s=SOCKET_TIMEOUT_S,
             )
+            stream.handshake()
         except (OSError, ValueError) as exc:
             raw.close()
             return False, f"{type(exc).__name__}: {exc}", classify_tls_failure(opts, exc, "")
-        connection = _Connection(self, sock)
+        connection = _Connection(self, stream)
         try:
             return connection.serve()
         except Exception as exc:
             return connection.accepted, self._internal_error(exc), None
         finally:
             self._mark_down()
-            sock.close()
+            stream.close()
 
     def _reading_paused(self) -> bool:
         return self._pause_reading is not None and self._pause_reading()
@@ -207,10 +211,10 @@ class NativeMqttSession(SupervisedSession):
 class _Connection:
     """One TLS connection's I/O loop: CONNECT, SUBSCRIBE when needed, PUBLISHes in, PUBACKs out."""
 
-    def __init__(self, session: NativeMqttSession, sock: ssl.SSLSocket) -> None:
+    def __init__(self, session: NativeMqttSession, stream: TlsStream) -> None:
         self.session = session
         self.options = session._options
-        self.sock = sock
+        self.stream = stream
         self.accepted = False
         self.keepalive = math.ceil(self.options.keepalive_s)  # [MQTT-3.1.2.10] whole seconds
         self.rest = b""
@@ -223,8 +227,9 @@ class _Connection:
 
     def serve(self) -> tuple[bool, str, IngestError | None]:
         session = self.session
-        sock = self.sock
-        sock.setblocking(False)
+        # Plain descriptors: select() on them is what the loop does most.
+        stream_fd = self.stream.raw.fileno()
+        wake_fd = session._wake_r.fileno()
         try:
             self.send(connect_packet(self.options.client_id, self.keepalive))
             connack_deadline = time.monotonic() + CONNACK_TIMEOUT_S
@@ -236,13 +241,12 @@ class _Connection:
                 # sending. Mosquitto 2.0.11 does not hold back for unacked messages alone.
                 # CONNACK and SUBACK are read regardless: the session must come up first.
                 reading = not session.subscribed.is_set() or not session._reading_paused()
-                if not (reading and sock.pending()):
-                    watch = [sock, session._wake_r] if reading else [session._wake_r]
-                    timeout = LOOP_TIMEOUT_S if reading else PAUSED_POLL_S
-                    ready, _, _ = select.select(watch, [], [], timeout)
-                    if session._wake_r in ready:
-                        self.drain_wake()
-                if reading and self.read() is None:
+                watch = [stream_fd, wake_fd] if reading else [wake_fd]
+                timeout = LOOP_TIMEOUT_S if reading else PAUSED_POLL_S
+                ready, _, _ = select.select(watch, [], [], timeout)
+                if wake_fd in ready:
+                    self.drain_wake()
+                if reading and stream_fd in ready and self.read() is None:
                     return self.lost("connection closed by the broker")
                 if self.refusal is not None:
                     cause, fatal = self.refusal
@@ -264,26 +268,13 @@ class _Connection:
 
     def read(self) -> int | None:
         """Read what is ready and handle every complete packet; None once the broker closed."""
-        chunks: list[bytes] = []
-        budget = READ_BUDGET
-        sock = self.sock
-        while budget > 0:
-            try:
-                chunk = sock.recv(RECV_SIZE)
-            except (ssl.SSLWantReadError, BlockingIOError):
-                break
-            except ssl.SSLWantWriteError:
-                break
-            if not chunk:
-                if chunks:
-                    self.handle(b"".join(chunks))
-                return None
-            chunks.append(chunk)
-            budget -= len(chunk)
-        if chunks:
+        received = self.stream.read(READ_BUDGET)
+        if received:
             self.last_in = time.monotonic()
-            self.handle(b"".join(chunks))
-        return len(chunks)
+            self.handle(received)
+        if self.stream.closed:
+            return None
+        return len(received)
 
     def handle(self, received: bytes) -> None:
         """Parse every complete packet in ``rest + received``; keep the partial tail."""
@@ -395,28 +386,8 @@ class _Connection:
     # -- writes, keep-alive, endings ---------------------------------------------------------
 
     def send(self, data: bytes) -> None:
-        view = memoryview(data)
-        deadline = time.monotonic() + SOCKET_TIMEOUT_S
-        while view:
-            try:
-                sent = self.sock.send(view)
-            except (ssl.SSLWantWriteError, BlockingIOError):
-                self.wait_io(write=True, deadline=deadline)
-                continue
-            except ssl.SSLWantReadError:
-                self.wait_io(write=False, deadline=deadline)
-                continue
-            view = view[sent:]
+        self.stream.send(data)
         self.last_out = time.monotonic()
-
-    def wait_io(self, *, write: bool, deadline: float) -> None:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"socket not writable for {SOCKET_TIMEOUT_S:g} s")
-        if write:
-            select.select([], [self.sock], [], left)
-        else:
-            select.select([self.sock], [], [], left)
 
     def keepalive_expired(self, now: float) -> bool:
         """Ping after a quiet keep-alive interval; expired when that ping goes unanswered."""
@@ -453,13 +424,10 @@ class _Connection:
             self.send(self.session._take_outgoing() + DISCONNECT_PACKET)
             deadline = time.monotonic() + STOP_DRAIN_S
             while (left := deadline - time.monotonic()) > 0:
-                if not self.sock.pending():
-                    select.select([self.sock], [], [], left)
-                try:
-                    if not self.sock.recv(RECV_SIZE):  # anything else arriving stays unacked
-                        break
-                except (ssl.SSLWantReadError, BlockingIOError):
-                    continue
+                select.select([self.stream.raw], [], [], left)
+                self.stream.read(READ_BUDGET)  # anything arriving now stays unacked
+                if self.stream.closed:
+                    break
         except (OSError, ValueError):
             pass  # the broker may close first; the session is kept either way
         if self.accepted:
