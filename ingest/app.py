@@ -159,7 +159,7 @@ class Daemon:
             ),
             metrics=metrics,
             committed_lsn=lambda: pipeline.sink.committed_lsn,
-            sink_backlog=lambda: pipeline.sink.queued_groups,
+            sink_backlog=lambda: pipeline.sink.queued_records,
         )
         session = make_session(
             mqtt_options(settings),

@@ -45,9 +45,10 @@ POLL_S = 0.1
 RESUME_FRACTION = 0.8
 # Received messages waiting for the intake thread at which the receiver stops reading the socket.
 RECEIVE_BACKLOG = 2 * MAX_GROUP
-# Groups handed to the sink and not yet taken by it at which logging waits: records wait in the
-# sink's queue as Python objects (~1.8x their payload), so a deep queue is only memory.
-SINK_BACKLOG_GROUPS = 4
+# Records handed to the sink and not yet taken by it at which logging waits (four full groups):
+# records wait in the sink's queue as Python objects (~1.8x their payload), so a deep queue is
+# only memory.
+SINK_BACKLOG_RECORDS = 4 * MAX_GROUP
 # Payload the sink may hold queued beyond one full batch before acks pause (see IntakeLimits).
 SINK_QUEUE_BYTES = 16 * 1024 * 1024
 # Retry a failed log write (disk full) at most this often.
@@ -100,7 +101,7 @@ class Intake:
         """``deliver(first_lsn, entries)`` hands each logged group to the sink (records
         ``first_lsn``, ``first_lsn + 1``, ...: ``(received_at_us, topic, payload)`` each);
         ``committed_lsn`` reads the sink's last committed LSN, ``sink_backlog`` how many delivered
-        groups the sink has not taken yet (both may be called from any thread); ``keep`` says
+        records the sink has not taken yet (both may be called from any thread); ``keep`` says
         which messages of a group are this daemon's to log at all (a V2 envelope of a VIN
         another replica owns is not, nor a message another replica claimed during a handover:
         they are acknowledged in their turn, unlogged)."""
@@ -302,8 +303,8 @@ class Intake:
             return f"log holds {size} uncommitted bytes, cap reached"
         if self._sink_backlog is not None:
             queued = self._sink_backlog()
-            if queued >= SINK_BACKLOG_GROUPS:
-                return f"the sink has {queued} groups of records queued: it is behind"
+            if queued >= SINK_BACKLOG_RECORDS:
+                return f"the sink has {queued} records queued: it is behind"
         limit = self._limits.max_pending_payload_bytes
         if limit is not None and self._pending_payload_bytes >= limit * scale:
             return (

@@ -56,8 +56,12 @@ LoggedGroup = tuple[int, list[tuple[int, str, bytes]]]
 log = logging.getLogger("ingest.sink")
 
 POLL_S = 0.1
-# Records decoded per dedupe-index lookup during replay (live traffic arrives in intake's groups).
+# Records decoded per dedupe-index lookup during replay.
 REPLAY_CHUNK = 4096
+# Live, groups are gathered into chunks of up to this many records, waiting at most GATHER_S
+# for them (see Sink._gather).
+GATHER_RECORDS = REPLAY_CHUNK
+GATHER_S = 0.05
 # The index holds days of ids; pruning it hourly keeps it bounded at negligible cost.
 PRUNE_EVERY_S = 3600.0
 FLUSH_RETRY_MAX_S = 30.0
@@ -100,8 +104,8 @@ class SinkEvents(Protocol):
     def flush_failed(self) -> None:
         """A commit attempt failed and will be retried."""
 
-    def took_group(self) -> None:
-        """The sink took one submitted group off its queue."""
+    def took_records(self, count: int) -> None:
+        """The sink took ``count`` submitted records off its queue."""
 
     def oldest_uncommitted(self, age_s: float) -> None:
         """Age of the oldest record received and not committed yet (0: none)."""
@@ -143,8 +147,8 @@ class SinkMetrics:
     def flush_failed(self) -> None:
         self._metrics.flush_failures.inc()
 
-    def took_group(self) -> None:
-        pass  # the thread sink's queue depth is read directly (Sink.queued_groups)
+    def took_records(self, count: int) -> None:
+        pass  # the thread sink counts what it took itself (Sink.queued_records)
 
     def oldest_uncommitted(self, age_s: float) -> None:
         self._metrics.log_oldest_uncommitted_age.set(age_s)
@@ -182,6 +186,8 @@ class Sink:
         self._clearances: Clearances | None = None
         self._tables = tables
         self._queue: queue.SimpleQueue[LoggedGroup] = queue.SimpleQueue()
+        self._submitted_records = 0
+        self._taken_records = 0
         self._batch: PendingBatch | None = None
         self.committed_lsn = 0
         self.heartbeat = time.monotonic()
@@ -254,31 +260,25 @@ class Sink:
     # -- intake thread ----------------------------------------------------------------------------
     def submit(self, first_lsn: int, entries: list[tuple[int, str, bytes]]) -> None:
         """Hand over one logged group: records ``first_lsn``, ``first_lsn + 1``, ... in order."""
+        self._submitted_records += len(entries)
         self._queue.put((first_lsn, entries))
 
     @property
-    def queued_groups(self) -> int:
-        """Logged groups handed over but not yet taken up: intake pauses when too many wait."""
-        return self._queue.qsize()
+    def queued_records(self) -> int:
+        """Logged records handed over but not yet taken up: intake pauses when too many wait."""
+        # Each counter has one writer (intake's thread, the sink's): a stale read is only a
+        # moment late.
+        return self._submitted_records - self._taken_records
 
     # -- sink thread ------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         """Decode and commit until ``stop`` is set, then drain the queue and commit the rest."""
         while True:
             self.heartbeat = time.monotonic()
-            try:
-                first_lsn, entries = self._queue.get(timeout=POLL_S)
-            except queue.Empty:
-                if stop.is_set():
-                    self._flush_until_done(replaying_intent=False, stop=None)
-                    return
-                records = []
-            else:
-                self._events.took_group()
-                records = [
-                    LogRecord(first_lsn + offset, received_at_us, topic, payload)
-                    for offset, (received_at_us, topic, payload) in enumerate(entries)
-                ]
+            records = self._gather()
+            if not records and stop.is_set():
+                self._flush_until_done(replaying_intent=False, stop=None)
+                return
             self._add_chunk(records)
             if self._due():
                 self._flush_until_done(replaying_intent=False, stop=stop)
@@ -288,6 +288,33 @@ class Sink:
                     # intent is already recorded, which begin() refuses.
                     return
             self._publish_age()
+
+    def _gather(self) -> list[LogRecord]:
+        """The next submitted groups as one chunk of records ([] after POLL_S without any).
+
+        Waits up to GATHER_S after the first group for more, while the chunk is short of
+        GATHER_RECORDS. At a few thousand messages a second intake hands over a group per fsync,
+        a few messages each; taken one by one, each group paid a dedupe-index query and the hand-
+        over's fixed costs. The wait delays nothing but the batch (acks were sent at logging).
+        """
+        try:
+            first_lsn, entries = self._queue.get(timeout=POLL_S)
+        except queue.Empty:
+            return []
+        records = _records(first_lsn, entries)
+        deadline = time.monotonic() + GATHER_S
+        while len(records) < GATHER_RECORDS:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                first_lsn, entries = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                break
+            records += _records(first_lsn, entries)
+        self._taken_records += len(records)
+        self._events.took_records(len(records))
+        return records
 
     def _due(self) -> bool:
         batch = self._batch
@@ -476,3 +503,10 @@ class Sink:
 def writer_table(file: WrittenFile) -> str:
     """The table a written file belongs to (``<root>/<table>/date=.../part-...``)."""
     return file.path.parent.parent.name
+
+
+def _records(first_lsn: int, entries: list[tuple[int, str, bytes]]) -> list[LogRecord]:
+    return [
+        LogRecord(first_lsn + offset, received_at_us, topic, payload)
+        for offset, (received_at_us, topic, payload) in enumerate(entries)
+    ]

@@ -12,11 +12,12 @@ crosses a process boundary, and a group lost in that pipe is still in the log.
 
 Messages, pickled over two one-way pipes (each in order)::
 
-    daemon → sink     ("records", first_lsn, entries)   one logged group, as Sink.submit takes it
+    daemon → sink     ("records", first_lsn, entries)   logged groups run together (HANDOVER_S),
+                                                         as Sink.submit takes one
                       ("refused", frozenset of VINs)     clearance gate, sent when it changes
                       ("stop",)                          commit what is pending, then exit
     sink → daemon     ("ready", committed_lsn)           state opened; takes records from here
-                      ("took",)                          one group left the queue (backpressure)
+                      ("took", n)                        n records left the queue (backpressure)
                       ("committed", CommitReport)        release the log, count the batch
                       ("flush_failed",)                  a commit attempt failed; retried
                       ("status", heartbeat_age_s, last_error, oldest_uncommitted_s)
@@ -65,9 +66,14 @@ LOCK_POLL_S = 0.05
 READY_TIMEOUT_S = 120.0
 # How often the sink process reports its heartbeat, last error and oldest uncommitted record.
 STATUS_S = 0.5
-POLL_S = 0.1
 # After a stop was sent: the sink commits what is pending, which the shutdown deadline bounds.
 JOIN_S = 5.0
+# Logged groups are sent on together: when this many records wait, or HANDOVER_S after the first
+# of them (by the relay thread). At a few thousand messages a second intake logs a group of a few
+# messages per fsync; one message per group cost a pickle and a pipe write on intake's thread and
+# a wake-up of the sink process's reader. Acks do not wait for this: they left at logging.
+HANDOVER_RECORDS = 4096
+HANDOVER_S = 0.02
 # Exit code of a sink process whose daemon went away: not an error of its own.
 EXIT_ORPHANED = 3
 
@@ -123,12 +129,15 @@ class SinkProcess:
         self._inbox = inbox  # we write; the sink process reads
         self._outbox = outbox  # the sink process writes; we read
         self._send_lock = threading.Lock()
+        # Groups logged and not sent yet (first lsn, entries), under _send_lock; see HANDOVER_S.
+        self._held: list[tuple[int, list[tuple[int, str, bytes]]]] = []
+        self._held_records = 0
         self._events: SinkEvents | None = None
         self._clearances: Clearances | None = None
         self._refused_sent: frozenset[str] | None = None
         self._clearance_lock = threading.Lock()
-        self._sent_groups = 0
-        self._taken_groups = 0
+        self._sent_records = 0
+        self._taken_records = 0
         self.committed_lsn = 0
         self.heartbeat = time.monotonic()
         self.last_error: str | None = None
@@ -187,13 +196,17 @@ class SinkProcess:
     def submit(self, first_lsn: int, entries: list[tuple[int, str, bytes]]) -> None:
         # The gate first, so the records after a clearance change are judged by the new state.
         self._follow_clearances()
-        self._send(("records", first_lsn, entries))
-        self._sent_groups += 1
+        with self._send_lock:
+            self._held.append((first_lsn, entries))
+            self._held_records += len(entries)
+            self._sent_records += len(entries)
+            if self._held_records >= HANDOVER_RECORDS:
+                self._send_held()
 
     @property
-    def queued_groups(self) -> int:
-        """Groups handed over and not yet taken by the sink: intake pauses when too many wait."""
-        return self._sent_groups - self._taken_groups
+    def queued_records(self) -> int:
+        """Records handed over and not yet taken by the sink: intake pauses when too many wait."""
+        return self._sent_records - self._taken_records
 
     # -- daemon -----------------------------------------------------------------------------
     def set_clearances(self, clearances: Clearances | None) -> None:
@@ -214,11 +227,27 @@ class SinkProcess:
             self._refused_sent = refused
 
     def _send(self, message: tuple[Any, ...]) -> None:
-        """Send to the process (intake's thread and the relay's both do); SinkError if it is
-        gone."""
+        """Send to the process after the held records (intake's thread and the relay's both
+        do); SinkError if it is gone."""
+        with self._send_lock:
+            self._send_held()
+            self._send_now(message)
+
+    def _send_held(self) -> None:
+        """Send the held groups as one ("records", ...) message; under _send_lock."""
+        held = self._held
+        if not held:
+            return
+        first_lsn, entries = held[0]
+        if len(held) > 1:
+            entries = [entry for _, group in held for entry in group]
+        self._held = []
+        self._held_records = 0
+        self._send_now(("records", first_lsn, entries))
+
+    def _send_now(self, message: tuple[Any, ...]) -> None:
         try:
-            with self._send_lock:
-                self._inbox.send(message)
+            self._inbox.send(message)
         except OSError:  # BrokenPipeError: it exited
             raise self._exited() from None
 
@@ -234,13 +263,16 @@ class SinkProcess:
             if stop.is_set() and not stop_sent:
                 self._send(("stop",))
                 stop_sent = True
-            if not self._outbox.poll(POLL_S):
+            reported = self._outbox.poll(HANDOVER_S)
+            with self._send_lock:
+                self._send_held()
+            if not reported:
                 self._follow_clearances()
                 continue
             message = self._receive()
             kind = message[0]
             if kind == "took":
-                self._taken_groups += 1
+                self._taken_records += message[1]
             elif kind == "committed":
                 report: CommitReport = message[1]
                 self.committed_lsn = report.last_lsn
@@ -323,8 +355,8 @@ class _Reports:
     def flush_failed(self) -> None:
         self.send(("flush_failed",))
 
-    def took_group(self) -> None:
-        self.send(("took",))
+    def took_records(self, count: int) -> None:
+        self.send(("took", count))
 
     def oldest_uncommitted(self, age_s: float) -> None:
         self.oldest_uncommitted_s = age_s  # sent with the next status: the sink sets it often

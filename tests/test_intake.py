@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from ingest import intake as intake_module
 from ingest.errors import LogError
-from ingest.intake import Intake, IntakeLimits, Keep
+from ingest.intake import SINK_BACKLOG_RECORDS, Intake, IntakeLimits, Keep
 from ingest.metrics import Metrics
 from ingest.mqtt import Delivery
 from ingest.wal import Durability, LogRecord, WriteAheadLog
@@ -242,7 +242,7 @@ def test_logging_waits_while_the_sink_has_a_queue(wal: WriteAheadLog) -> None:
     try:
         h.submit(1)
         wait_until(lambda: len(h.acked) == 1, "the first message")
-        backlog[0] = 4  # the sink has not taken four groups yet
+        backlog[0] = SINK_BACKLOG_RECORDS  # the sink has not taken that many records yet
         h.submit(1)
         wait_until(h.paused, "back-pressure from the sink's queue")
         assert len(h.acked) == 1
