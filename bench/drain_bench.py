@@ -159,12 +159,15 @@ def _print_drain(backlog: Backlog, rounds: list[list[Result]]) -> None:
 
 def _print_live(results: list[LiveResult]) -> None:
     print()
-    print("| live rate msg/s | sent msg/s | received msg/s | daemon CPU % of one core | p50 s |"
-          " p99 s | max s | peak RSS MB |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
+    print(
+        "| live rate msg/s | sent msg/s | received msg/s | daemon CPU % of one core (own + sink)"
+        " | p50 s | p99 s | max s | peak RSS MB |\n|---|---|---|---|---|---|---|---|"
+    )
     for r in results:
         print(
             f"| {r.rate_target:,} | {r.rate_sent:,.0f} | {r.rate_received:,.0f} | "
-            f"{r.cpu_fraction * 100:.1f} | "
+            f"{r.cpu_fraction * 100:.1f} ({r.daemon_cpu_fraction * 100:.1f} + "
+            f"{(r.cpu_fraction - r.daemon_cpu_fraction) * 100:.1f}) | "
             f"{r.latency_p50_s:.2f} | {r.latency_p99_s:.2f} | {r.latency_max_s:.2f} | "
             f"{r.rss_bytes / 1e6:.0f} |"
         )

@@ -24,7 +24,7 @@ import paho.mqtt.client as paho
 import pyarrow.parquet as pq
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bench.drain_support import BenchDaemon, proc_stats
+from bench.drain_support import BenchDaemon, cpu_by_process, proc_stats
 from ingest.testing import CertBundle, MosquittoBroker
 from ingest.testing.daemon import APP_ID
 from ingest.testing.traffic import stream
@@ -42,6 +42,7 @@ class LiveResult:
     rate_received: float  # by the daemon, over the measured window
     seconds: float
     cpu_fraction: float  # of one core, over the measured window
+    daemon_cpu_fraction: float  # its own process (receive, log, acks); the rest: the sink's
     latency_p50_s: float
     latency_p99_s: float
     latency_max_s: float
@@ -111,13 +112,13 @@ def run_live(
     sent = 0
     held: tuple[str, bytes, str] | None = None  # refused by a full client queue: next tick
     window_start: float | None = None
-    cpu_start = 0.0
+    cpu_start: dict[int, float] = {}
     received_start = 0
     while sent < total:
         now = time.perf_counter()
         if window_start is None and now - started >= WARMUP_S:
             window_start = now
-            cpu_start, _ = proc_stats(daemon.pid)
+            cpu_start = cpu_by_process(daemon.pid)
             received_start = _received(http, metrics_url)
         due = min(total, int((now - started) * rate))
         stamp = wall0 + (now - started)
@@ -133,7 +134,7 @@ def run_live(
             sent += 1
         time.sleep(TICK_S)
     ended = time.perf_counter()
-    cpu_end, _ = proc_stats(daemon.pid)
+    cpu_end = cpu_by_process(daemon.pid)
     received_end = _received(http, metrics_url)
     assert window_start is not None
     measured = ended - window_start
@@ -157,7 +158,8 @@ def run_live(
         rate_sent=total / (ended - started),
         rate_received=(received_end - received_start) / measured,
         seconds=measured,
-        cpu_fraction=(cpu_end - cpu_start) / measured,
+        cpu_fraction=sum(cpu_end[p] - cpu_start.get(p, 0.0) for p in cpu_end) / measured,
+        daemon_cpu_fraction=(cpu_end[daemon.pid] - cpu_start[daemon.pid]) / measured,
         latency_p50_s=_percentile(latencies, 0.5),
         latency_p99_s=_percentile(latencies, 0.99),
         latency_max_s=latencies[-1],

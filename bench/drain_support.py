@@ -209,6 +209,11 @@ def proc_stats(pid: int) -> tuple[float, int]:
     return _stats(process_tree(pid))
 
 
+def cpu_by_process(pid: int) -> dict[int, float]:
+    """CPU seconds of ``pid`` and of each descendant, by pid (the daemon and its sink process)."""
+    return {member: _cpu_s(member) for member in process_tree(pid)}
+
+
 def _stats(members: list[int]) -> tuple[float, int]:
     return sum(_cpu_s(member) for member in members), sum(_hwm(member) for member in members)
 
