@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ingest import dedupe as dedupe_module
 from ingest.dedupe import DedupeIndex
 from ingest.errors import LogError
 
@@ -153,3 +154,50 @@ def test_decisions_match_the_model_including_replays(
                     seen[key] = min(seen.get(key, lsn), lsn)
         finally:
             index.close()
+
+
+# -- the Bloom filter in front of the index ------------------------------------------------------
+
+
+def _lookups(index: DedupeIndex) -> list[str]:
+    """The SELECTs the index sends to SQLite from now on."""
+    statements: list[str] = []
+    index._db.set_trace_callback(
+        lambda sql: statements.append(sql) if sql.startswith("SELECT key, lsn") else None
+    )
+    return statements
+
+
+def test_keys_the_index_never_held_are_answered_without_a_lookup(index: DedupeIndex) -> None:
+    index.record([(f"held-{i}", i, T0_US) for i in range(1, 101)])
+    lookups = _lookups(index)
+    assert index.duplicates([(f"new-{i}", 1000 + i) for i in range(100)]) == set()
+    # 1 % false positives at most are asked about; 100 new keys: 0-1 lookups, here none is
+    # likely enough to assert (the filter is sized for a million keys).
+    assert lookups == []
+    assert index.duplicates([("held-5", 2000), ("new-x", 2001)]) == {2000}
+    assert len(lookups) == 1
+
+
+@pytest.mark.parametrize(("min_keys", "max_keys"), [(16, 1_000_000), (16, 32)])
+def test_a_filter_outgrown_or_at_its_cap_never_hides_a_held_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, min_keys: int, max_keys: int
+) -> None:
+    """Sized for 16 keys: rebuilt larger as batches add more (first case), or capped at 32 and
+    overfull (second); either way every held key is a duplicate and every new one is not."""
+    monkeypatch.setattr(dedupe_module, "FILTER_MIN_KEYS", min_keys)
+    monkeypatch.setattr(dedupe_module, "FILTER_MAX_KEYS", max_keys)
+    with DedupeIndex(tmp_path / "dedupe.sqlite3") as index:
+        lsn = 0
+        for batch in range(20):
+            entries = [(f"k{batch}-{i}", lsn + i + 1, T0_US) for i in range(25)]
+            lsn += 25
+            index.record(entries)
+        held = [(f"k{batch}-{i}", 10_000) for batch in range(20) for i in range(25)]
+        assert index.duplicates([(key, 10_000 + n) for n, (key, _) in enumerate(held)]) == {
+            10_000 + n for n in range(len(held))
+        }
+        assert index.duplicates([(f"other-{i}", 20_000 + i) for i in range(500)]) == set()
+    # Reopened: the filter is built from what the index holds.
+    with DedupeIndex(tmp_path / "dedupe.sqlite3") as index:
+        assert len(index.duplicates([(f"k19-{i}", 30_000 + i) for i in range(25)])) == 25
