@@ -160,6 +160,7 @@ class Daemon:
             metrics=metrics,
             committed_lsn=lambda: pipeline.sink.committed_lsn,
             sink_backlog=lambda: pipeline.sink.queued_records,
+            window=settings.mqtt.window,
         )
         session = make_session(
             mqtt_options(settings),

@@ -65,6 +65,9 @@ class MqttSettings(_Section):
     keepalive_s: float = Field(30.0, gt=0)
     session_expiry_s: int = Field(7 * 86400, gt=0)
     receive_maximum: int = Field(100, ge=1, le=65535)
+    # MQTT 3.1.1: the broker's window of unacknowledged messages to the daemon (Mosquitto's
+    # max_inflight_messages); intake closes a group of messages once it holds this many.
+    inflight_window: int = Field(20, ge=1, le=65535)
     verify_hostname: bool = True
     reconnect_min_s: float = Field(0.5, gt=0)
     reconnect_max_s: float = Field(60.0, gt=0)
@@ -80,6 +83,12 @@ class MqttSettings(_Section):
     @property
     def resolved_topic(self) -> str:
         return self.topic.format(app_id=self.app_id)
+
+    @property
+    def window(self) -> int:
+        """Unacknowledged messages the broker sends before it waits for PUBACKs: the Receive
+        Maximum the daemon asks for under MQTT 5, the broker's own setting under 3.1.1."""
+        return self.receive_maximum if self.protocol == "5" else self.inflight_window
 
     @model_validator(mode="after")
     def _native_client_speaks_3_1_1(self) -> MqttSettings:

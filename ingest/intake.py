@@ -38,6 +38,18 @@ log = logging.getLogger("ingest.intake")
 # One group commit takes whatever has queued up since the last fsync, up to this many messages:
 # large enough to amortise the fsync (~1-5 ms) at 20k msg/s, small enough to keep ack latency low.
 MAX_GROUP = 4096
+# A group waits for more messages while they keep coming: it closes once it holds the broker's
+# in-flight window (the broker sends no more until they are acknowledged), LINGER_S after its
+# first message, when nothing arrived for IDLE_GAP_S, or at MAX_GROUP. Every group costs the same
+# fsync, wake-ups and PUBACK write however small it is: at 5,000 msg/s spread evenly, groups of
+# whatever arrived during the previous fsync (~0.15 ms here) held 1-2 messages, and the daemon's
+# own process used 43 % of a core instead of 20 %. The idle gap bounds what a window set too
+# large costs: each window of the broker's then waits IDLE_GAP_S for messages that cannot come.
+LINGER_S = 0.005
+IDLE_GAP_S = 0.002
+# Mosquitto's max_inflight_messages by default (MQTT 3.1.1; under MQTT 5 the Receive Maximum).
+DEFAULT_WINDOW = 20
+_NOT_WAITING = 1 << 62
 # How often a waiting intake thread re-checks for shutdown.
 POLL_S = 0.1
 # After the cap is hit, wait until the log is this fraction of the cap before resuming, so intake
@@ -96,6 +108,7 @@ class Intake:
         committed_lsn: Callable[[], int],
         sink_backlog: Callable[[], int] | None = None,
         keep: Keep | None = None,
+        window: int = DEFAULT_WINDOW,
         now_us: Callable[[], int] = lambda: time.time_ns() // 1000,
     ) -> None:
         """``deliver(first_lsn, entries)`` hands each logged group to the sink (records
@@ -104,8 +117,10 @@ class Intake:
         records the sink has not taken yet (both may be called from any thread); ``keep`` says
         which messages of a group are this daemon's to log at all (a V2 envelope of a VIN
         another replica owns is not, nor a message another replica claimed during a handover:
-        they are acknowledged in their turn, unlogged)."""
+        they are acknowledged in their turn, unlogged); ``window`` is how many unacknowledged
+        messages the broker sends before it waits for PUBACKs (see LINGER_S)."""
         self._wal = wal
+        self._window = window
         self._keep = keep
         self._ack = ack
         self._deliver = deliver
@@ -113,6 +128,10 @@ class Intake:
         self._metrics = metrics
         self._now_us = now_us
         self._queue: queue.SimpleQueue[_Received] = queue.SimpleQueue()
+        # While a group waits for the rest of the broker's window: how many more messages fill
+        # it, and the event submit() sets when they are queued (see _wait_for_window).
+        self._missing = _NOT_WAITING
+        self._window_full = threading.Event()
         self._accepting = True
         self._paused = False
         self._pause_logged_at: float | None = None  # monotonic time of the last pause logged
@@ -147,7 +166,10 @@ class Intake:
         if not self._accepting:
             # Shutting down: leave it unacknowledged; the broker redelivers it next session.
             return
-        self._queue.put((self._now_us(), topic, payload, delivery))
+        queued = self._queue
+        queued.put((self._now_us(), topic, payload, delivery))
+        if queued.qsize() >= self._missing:
+            self._window_full.set()
 
     def receive_backlog_full(self) -> bool:
         """True while RECEIVE_BACKLOG messages wait to be logged: the receiver should stop reading.
@@ -187,13 +209,32 @@ class Intake:
             group = [self._queue.get(timeout=POLL_S)]
         except queue.Empty:
             return []
+        closes_at = time.monotonic() + LINGER_S
         get = self._queue.get_nowait
-        try:
-            while len(group) < MAX_GROUP:
+        while len(group) < MAX_GROUP:
+            try:
                 group.append(get())
-        except queue.Empty:
-            pass
+                continue
+            except queue.Empty:
+                pass
+            if len(group) >= self._window:
+                break  # the broker sends no more before these are acknowledged
+            left = closes_at - time.monotonic()
+            if left <= 0:
+                break
+            if not self._wait_for_window(self._window - len(group), min(IDLE_GAP_S, left)):
+                break  # nothing came: the broker is idle, or waits for these PUBACKs
         return group
+
+    def _wait_for_window(self, missing: int, timeout_s: float) -> bool:
+        """Wait until ``missing`` more messages are queued, or ``timeout_s``; False when none
+        came. Not a wait on the queue itself: that would wake this thread once per message."""
+        self._window_full.clear()
+        self._missing = missing  # submit() sets _window_full once this many are queued
+        if self._queue.qsize() < missing:
+            self._window_full.wait(timeout_s)
+        self._missing = _NOT_WAITING
+        return self._queue.qsize() > 0
 
     def _commit(self, group: list[_Received], stop: threading.Event) -> bool:
         """Make ``group`` durable, then ack it. False when stopped before it could be logged."""

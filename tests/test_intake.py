@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from ingest import intake as intake_module
 from ingest.errors import LogError
-from ingest.intake import SINK_BACKLOG_RECORDS, Intake, IntakeLimits, Keep
+from ingest.intake import DEFAULT_WINDOW, SINK_BACKLOG_RECORDS, Intake, IntakeLimits, Keep
 from ingest.metrics import Metrics
 from ingest.mqtt import Delivery
 from ingest.wal import Durability, LogRecord, WriteAheadLog
@@ -41,6 +41,7 @@ class Harness:
         committed: int = 0,
         limits: IntakeLimits | None = None,
         keep: Keep | None = None,
+        window: int = DEFAULT_WINDOW,
     ) -> None:
         self.wal = wal
         self.committed = committed
@@ -55,7 +56,9 @@ class Harness:
             metrics=self.metrics,
             committed_lsn=lambda: self.committed,
             keep=keep,
+            window=window,
         )
+        self.groups: list[int] = []  # size of each group handed over
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.intake.run, args=(self.stop,), daemon=True)
         self.mid = 0
@@ -65,6 +68,7 @@ class Harness:
         return True
 
     def _deliver(self, first_lsn: int, entries: list[tuple[int, str, bytes]]) -> None:
+        self.groups.append(len(entries))
         self.delivered.extend(
             LogRecord(first_lsn + offset, *entry) for offset, entry in enumerate(entries)
         )
@@ -320,3 +324,72 @@ def test_a_redelivery_an_earlier_holder_logged_is_acked_in_its_turn_and_not_logg
     assert [d.mid for d in harness.acked] == [1, 2, 3, 4, 5, 6]
     assert len(harness.delivered) == 4
     assert wal.next_lsn == 5
+
+
+# -- how messages are grouped -------------------------------------------------------------------
+
+
+@pytest.fixture
+def patient(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A group that would wait for more messages far longer than any test waits."""
+    monkeypatch.setattr(intake_module, "LINGER_S", 60.0)
+    monkeypatch.setattr(intake_module, "IDLE_GAP_S", 60.0)
+
+
+def _started(wal: WriteAheadLog, window: int) -> Harness:
+    harness = Harness(wal, window=window)
+    harness.thread.start()
+    return harness
+
+
+def _stopped(harness: Harness) -> None:
+    harness.stop.set()
+    harness.thread.join(DEADLINE_S)
+
+
+@pytest.mark.usefixtures("patient")
+def test_a_group_closes_at_once_when_it_holds_the_brokers_window(wal: WriteAheadLog) -> None:
+    """The broker sends no more than its window before PUBACKs: waiting for more would stall."""
+    harness = _started(wal, window=3)
+    try:
+        harness.submit(2)
+        time.sleep(0.3)
+        assert harness.acked == [], "two of a window of three: the group waits for more"
+        harness.submit(1)
+        wait_until(lambda: len(harness.acked) == 3, "the group of three")
+        assert harness.groups == [3]
+    finally:
+        _stopped(harness)
+
+
+def test_a_group_waits_for_messages_that_keep_coming(
+    wal: WriteAheadLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Messages 20 ms apart, within the idle gap and the linger: one group, one fsync."""
+    monkeypatch.setattr(intake_module, "LINGER_S", 5.0)
+    monkeypatch.setattr(intake_module, "IDLE_GAP_S", 0.2)
+    harness = _started(wal, window=100)
+    try:
+        for _ in range(5):
+            harness.submit(1)
+            time.sleep(0.02)
+        wait_until(lambda: len(harness.acked) == 5, "the five messages")
+        assert harness.groups == [5]
+    finally:
+        _stopped(harness)
+
+
+def test_a_group_closes_after_the_idle_gap(
+    wal: WriteAheadLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing more comes (a quiet stream, or a broker whose window is smaller than the
+    setting): the group goes after the idle gap, not after the full linger."""
+    monkeypatch.setattr(intake_module, "LINGER_S", 60.0)
+    monkeypatch.setattr(intake_module, "IDLE_GAP_S", 0.05)
+    harness = _started(wal, window=100)
+    try:
+        harness.submit(2)
+        wait_until(lambda: len(harness.acked) == 2, "the group after the idle gap")
+        assert harness.groups == [2]
+    finally:
+        _stopped(harness)

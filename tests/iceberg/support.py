@@ -70,12 +70,6 @@ def commit_groups(
     if prepare is not None:
         prepare(pipeline)
     try:
-        last = pipeline.sink.committed_lsn
-        for group in groups:
-            first, last = pipeline.wal.append_batch(
-                [(received_at_us, m.topic, m.payload) for m in group]
-            )
-            pipeline.sink.submit(first, [(received_at_us, m.topic, m.payload) for m in group])
         # The sink thread as in the daemon: failures are retried until the commit lands.
         stop = threading.Event()
         failure: list[BaseException] = []
@@ -89,9 +83,19 @@ def commit_groups(
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
         try:
-            wait_for(
-                lambda: bool(failure) or pipeline.sink.committed_lsn >= last, 60, "the commits"
-            )
+            for group in groups:
+                entries = [(received_at_us, m.topic, m.payload) for m in group]
+                first, last = pipeline.wal.append_batch(entries)
+                pipeline.sink.submit(first, entries)
+                # Committed before the next group is handed over: the sink takes groups queued
+                # together as one chunk, and so one batch.
+                wait_for(
+                    lambda: bool(failure) or pipeline.sink.committed_lsn >= last,  # noqa: B023
+                    60,
+                    "the commit",
+                )
+                if failure:
+                    break
         finally:
             stop.set()
             thread.join(60)
