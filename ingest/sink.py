@@ -188,6 +188,7 @@ class Sink:
         self._queue: queue.SimpleQueue[LoggedGroup] = queue.SimpleQueue()
         self._submitted_records = 0
         self._taken_records = 0
+        self._carried: LoggedGroup | None = None  # taken off the queue, next chunk's first
         self._batch: PendingBatch | None = None
         self.committed_lsn = 0
         self.heartbeat = time.monotonic()
@@ -292,26 +293,34 @@ class Sink:
     def _gather(self) -> list[LogRecord]:
         """The next submitted groups as one chunk of records ([] after POLL_S without any).
 
-        Waits up to GATHER_S after the first group for more, while the chunk is short of
-        GATHER_RECORDS. At a few thousand messages a second intake hands over a group per fsync,
-        a few messages each; taken one by one, each group paid a dedupe-index query and the hand-
-        over's fixed costs. The wait delays nothing but the batch (acks were sent at logging).
+        Waits up to GATHER_S after the first group for more, while the chunk holds fewer than
+        GATHER_RECORDS (a group that would take it past them waits for the next chunk: decoded
+        messages are held per chunk, and a draining daemon's groups are full already). At a few
+        thousand messages a second intake hands over a group every few milliseconds; taken one
+        by one, each group paid a dedupe-index query and the hand-over's fixed costs. The wait
+        delays nothing but the batch (acks were sent at logging).
         """
-        try:
-            first_lsn, entries = self._queue.get(timeout=POLL_S)
-        except queue.Empty:
-            return []
-        records = _records(first_lsn, entries)
+        group = self._carried
+        self._carried = None
+        if group is None:
+            try:
+                group = self._queue.get(timeout=POLL_S)
+            except queue.Empty:
+                return []
+        records = _records(*group)
         deadline = time.monotonic() + GATHER_S
         while len(records) < GATHER_RECORDS:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             try:
-                first_lsn, entries = self._queue.get(timeout=remaining)
+                group = self._queue.get(timeout=remaining)
             except queue.Empty:
                 break
-            records += _records(first_lsn, entries)
+            if len(records) + len(group[1]) > GATHER_RECORDS:
+                self._carried = group
+                break
+            records += _records(*group)
         self._taken_records += len(records)
         self._events.took_records(len(records))
         return records

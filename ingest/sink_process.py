@@ -197,6 +197,8 @@ class SinkProcess:
         # The gate first, so the records after a clearance change are judged by the new state.
         self._follow_clearances()
         with self._send_lock:
+            if self._held_records + len(entries) > HANDOVER_RECORDS:
+                self._send_held()  # one message of at most HANDOVER_RECORDS, or one group
             self._held.append((first_lsn, entries))
             self._held_records += len(entries)
             self._sent_records += len(entries)
