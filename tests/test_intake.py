@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -329,54 +330,51 @@ def test_a_redelivery_an_earlier_holder_logged_is_acked_in_its_turn_and_not_logg
 # -- how messages are grouped -------------------------------------------------------------------
 
 
-@pytest.fixture
-def patient(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A group that would wait for more messages far longer than any test waits."""
-    monkeypatch.setattr(intake_module, "LINGER_S", 60.0)
-    monkeypatch.setattr(intake_module, "IDLE_GAP_S", 60.0)
-
-
-def _started(wal: WriteAheadLog, window: int) -> Harness:
+@contextmanager
+def _intake_grouping(
+    wal: WriteAheadLog,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    window: int,
+    linger_s: float,
+    idle_gap_s: float,
+) -> Iterator[Harness]:
+    """A running intake whose groups wait as long as told (far longer than a test waits: the
+    rule under test closes them)."""
+    monkeypatch.setattr(intake_module, "LINGER_S", linger_s)
+    monkeypatch.setattr(intake_module, "IDLE_GAP_S", idle_gap_s)
     harness = Harness(wal, window=window)
     harness.thread.start()
-    return harness
-
-
-def _stopped(harness: Harness) -> None:
-    harness.stop.set()
-    harness.thread.join(DEADLINE_S)
-
-
-@pytest.mark.usefixtures("patient")
-def test_a_group_closes_at_once_when_it_holds_the_brokers_window(wal: WriteAheadLog) -> None:
-    """The broker sends no more than its window before PUBACKs: waiting for more would stall."""
-    harness = _started(wal, window=3)
     try:
+        yield harness
+    finally:
+        harness.stop.set()
+        harness.thread.join(DEADLINE_S)
+
+
+def test_a_group_closes_at_once_when_it_holds_the_brokers_window(
+    wal: WriteAheadLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker sends no more than its window before PUBACKs: waiting for more would stall."""
+    with _intake_grouping(wal, monkeypatch, window=3, linger_s=60, idle_gap_s=60) as harness:
         harness.submit(2)
         time.sleep(0.3)
         assert harness.acked == [], "two of a window of three: the group waits for more"
         harness.submit(1)
         wait_until(lambda: len(harness.acked) == 3, "the group of three")
         assert harness.groups == [3]
-    finally:
-        _stopped(harness)
 
 
 def test_a_group_waits_for_messages_that_keep_coming(
     wal: WriteAheadLog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Messages 20 ms apart, within the idle gap and the linger: one group, one fsync."""
-    monkeypatch.setattr(intake_module, "LINGER_S", 5.0)
-    monkeypatch.setattr(intake_module, "IDLE_GAP_S", 0.2)
-    harness = _started(wal, window=100)
-    try:
+    with _intake_grouping(wal, monkeypatch, window=100, linger_s=5, idle_gap_s=0.2) as harness:
         for _ in range(5):
             harness.submit(1)
             time.sleep(0.02)
         wait_until(lambda: len(harness.acked) == 5, "the five messages")
         assert harness.groups == [5]
-    finally:
-        _stopped(harness)
 
 
 def test_a_group_closes_after_the_idle_gap(
@@ -384,12 +382,7 @@ def test_a_group_closes_after_the_idle_gap(
 ) -> None:
     """Nothing more comes (a quiet stream, or a broker whose window is smaller than the
     setting): the group goes after the idle gap, not after the full linger."""
-    monkeypatch.setattr(intake_module, "LINGER_S", 60.0)
-    monkeypatch.setattr(intake_module, "IDLE_GAP_S", 0.05)
-    harness = _started(wal, window=100)
-    try:
+    with _intake_grouping(wal, monkeypatch, window=100, linger_s=60, idle_gap_s=0.05) as harness:
         harness.submit(2)
         wait_until(lambda: len(harness.acked) == 2, "the group after the idle gap")
         assert harness.groups == [2]
-    finally:
-        _stopped(harness)
