@@ -27,6 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from ingest.errors import LogError
 from ingest.metrics import Metrics
@@ -50,6 +51,9 @@ IDLE_GAP_S = 0.002
 # Mosquitto's max_inflight_messages by default (MQTT 3.1.1; under MQTT 5 the Receive Maximum).
 DEFAULT_WINDOW = 20
 _NOT_WAITING = 1 << 62
+# What closed a group: it held the broker's window, LINGER_S passed, IDLE_GAP_S passed without a
+# message, or it held MAX_GROUP.
+GroupClosedBy = Literal["window", "linger", "idle", "max"]
 # How often a waiting intake thread re-checks for shutdown.
 POLL_S = 0.1
 # After the cap is hit, wait until the log is this fraction of the cap before resuming, so intake
@@ -132,6 +136,9 @@ class Intake:
         # it, and the event submit() sets when they are queued (see _wait_for_window).
         self._missing = _NOT_WAITING
         self._window_full = threading.Event()
+        self._groups_closed_by = {
+            reason: metrics.intake_groups.labels(reason) for reason in get_args(GroupClosedBy)
+        }
         self._accepting = True
         self._paused = False
         self._pause_logged_at: float | None = None  # monotonic time of the last pause logged
@@ -192,11 +199,12 @@ class Intake:
         """Log, ack and hand over messages until ``stop`` is set and the queue is drained."""
         while True:
             self.heartbeat = time.monotonic()
-            group = self._take_group()
+            group, closed_by = self._take_group()
             if not group:
                 if stop.is_set():
                     return
                 continue
+            self._groups_closed_by[closed_by].inc()
             self._metrics.messages_received.inc(len(group))
             self._metrics.messages_unacked.inc(len(group))
             if not self._commit(group, stop):
@@ -204,11 +212,12 @@ class Intake:
                 self._metrics.messages_unacked.dec(len(group))
                 return
 
-    def _take_group(self) -> list[_Received]:
+    def _take_group(self) -> tuple[list[_Received], GroupClosedBy]:
+        """The next group (see LINGER_S), and what closed it; ([], "max") after POLL_S idle."""
         try:
             group = [self._queue.get(timeout=POLL_S)]
         except queue.Empty:
-            return []
+            return [], "max"
         closes_at = time.monotonic() + LINGER_S
         get = self._queue.get_nowait
         while len(group) < MAX_GROUP:
@@ -218,13 +227,15 @@ class Intake:
             except queue.Empty:
                 pass
             if len(group) >= self._window:
-                break  # the broker sends no more before these are acknowledged
+                return group, "window"  # the broker sends no more before these are acked
             left = closes_at - time.monotonic()
             if left <= 0:
-                break
+                return group, "linger"
             if not self._wait_for_window(self._window - len(group), min(IDLE_GAP_S, left)):
-                break  # nothing came: the broker is idle, or waits for these PUBACKs
-        return group
+                # Nothing came: the broker is idle, or waits for these PUBACKs (a window
+                # smaller than the setting: groups closed this way at one size say so).
+                return group, "idle"
+        return group, "max"
 
     def _wait_for_window(self, missing: int, timeout_s: float) -> bool:
         """Wait until ``missing`` more messages are queued, or ``timeout_s``; False when none

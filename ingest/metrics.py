@@ -89,6 +89,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.intake_groups = Counter(
+            p + "intake_groups_total",
+            "Groups of messages logged with one write and fsync, by what closed the group",
+            ["closed_by"],
+            registry=r,
+        )
         self.duplicates = Counter(
             p + "duplicates_total", "Messages dropped as repeats of a seen message_id", registry=r
         )

@@ -79,6 +79,17 @@ class Harness:
             self.mid += 1
             self.intake.submit(TOPIC, PAYLOAD, Delivery(1, self.mid, 1))
 
+    def closed_by(self) -> dict[str, float]:
+        """hm_ingest_intake_groups_total by what closed the groups (those counted)."""
+        counts = {
+            sample.labels["closed_by"]: sample.value
+            for family in self.metrics.registry.collect()
+            if family.name == "hm_ingest_intake_groups"
+            for sample in family.samples
+            if sample.name.endswith("_total")
+        }
+        return {reason: count for reason, count in counts.items() if count}
+
     def paused(self) -> bool:
         return self.metrics.backpressure._value.get() == 1  # type: ignore[attr-defined]
 
@@ -363,6 +374,7 @@ def test_a_group_closes_at_once_when_it_holds_the_brokers_window(
         harness.submit(1)
         wait_until(lambda: len(harness.acked) == 3, "the group of three")
         assert harness.groups == [3]
+        assert harness.closed_by() == {"window": 1}
 
 
 def test_a_group_waits_for_messages_that_keep_coming(
@@ -375,6 +387,7 @@ def test_a_group_waits_for_messages_that_keep_coming(
             time.sleep(0.02)
         wait_until(lambda: len(harness.acked) == 5, "the five messages")
         assert harness.groups == [5]
+        assert harness.closed_by() == {"idle": 1}
 
 
 def test_a_group_closes_after_the_idle_gap(
@@ -386,3 +399,4 @@ def test_a_group_closes_after_the_idle_gap(
         harness.submit(2)
         wait_until(lambda: len(harness.acked) == 2, "the group after the idle gap")
         assert harness.groups == [2]
+        assert harness.closed_by() == {"idle": 1}
