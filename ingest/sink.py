@@ -38,7 +38,7 @@ from typing import Protocol
 
 import pyarrow as pa
 
-from ingest.batch import Clearances, PendingBatch, dedupe_key
+from ingest.batch import REJECTED_NOT_CLEARED, ClearanceGate, Clearances, PendingBatch, dedupe_key
 from ingest.checkpoint import Checkpoint, CheckpointStore
 from ingest.decode import Decoder
 from ingest.dedupe import DedupeIndex
@@ -52,6 +52,10 @@ from ingest.wal import LogRecord, WriteAheadLog
 # of each record, in lsn order. Plain tuples: cheap to build on the intake thread and to pickle
 # to a sink process.
 LoggedGroup = tuple[int, list[tuple[int, str, bytes]]]
+# The VINs refused when a group was submitted (None: no clearance gate), per run of records.
+_Refusals = tuple[int, frozenset[str] | None]
+# A logged group in the sink's queue, with the VINs refused when it was submitted.
+_JudgedGroup = tuple[int, list[tuple[int, str, bytes]], frozenset[str] | None]
 
 log = logging.getLogger("ingest.sink")
 
@@ -185,10 +189,10 @@ class Sink:
         self._events = events
         self._clearances: Clearances | None = None
         self._tables = tables
-        self._queue: queue.SimpleQueue[LoggedGroup] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_JudgedGroup] = queue.SimpleQueue()
         self._submitted_records = 0
         self._taken_records = 0
-        self._carried: LoggedGroup | None = None  # taken off the queue, next chunk's first
+        self._carried: _JudgedGroup | None = None  # taken off the queue, next chunk's first
         self._batch: PendingBatch | None = None
         self.committed_lsn = 0
         self.heartbeat = time.monotonic()
@@ -260,9 +264,16 @@ class Sink:
 
     # -- intake thread ----------------------------------------------------------------------------
     def submit(self, first_lsn: int, entries: list[tuple[int, str, bytes]]) -> None:
-        """Hand over one logged group: records ``first_lsn``, ``first_lsn + 1``, ... in order."""
+        """Hand over one logged group: records ``first_lsn``, ``first_lsn + 1``, ... in order.
+
+        The group is judged by the clearance state of now, not of when the sink gets to it: a
+        revocation that lands while the group waits in the queue (or in a gathered chunk) does
+        not reach back to messages received before it.
+        """
+        clearances = self._clearances
+        refused = clearances.refused_vins if clearances is not None else None
         self._submitted_records += len(entries)
-        self._queue.put((first_lsn, entries))
+        self._queue.put((first_lsn, entries, refused))
 
     @property
     def queued_records(self) -> int:
@@ -276,11 +287,11 @@ class Sink:
         """Decode and commit until ``stop`` is set, then drain the queue and commit the rest."""
         while True:
             self.heartbeat = time.monotonic()
-            records = self._gather()
+            records, refusals = self._gather()
             if not records and stop.is_set():
                 self._flush_until_done(replaying_intent=False, stop=None)
                 return
-            self._add_chunk(records)
+            self._add_chunk(records, refusals)
             if self._due():
                 self._flush_until_done(replaying_intent=False, stop=stop)
                 if self._batch is not None:
@@ -290,8 +301,9 @@ class Sink:
                     return
             self._publish_age()
 
-    def _gather(self) -> list[LogRecord]:
-        """The next submitted groups as one chunk of records ([] after POLL_S without any).
+    def _gather(self) -> tuple[list[LogRecord], list[_Refusals]]:
+        """The next submitted groups as one chunk of records ([] after POLL_S without any), with
+        the clearance state each group was submitted under (:meth:`submit`).
 
         Waits up to GATHER_S after the first group for more, while the chunk holds fewer than
         GATHER_RECORDS (a group that would take it past them waits for the next chunk: decoded
@@ -306,8 +318,9 @@ class Sink:
             try:
                 group = self._queue.get(timeout=POLL_S)
             except queue.Empty:
-                return []
-        records = _records(*group)
+                return [], []
+        records = _records(group[0], group[1])
+        refusals = [(len(group[1]), group[2])]
         deadline = time.monotonic() + GATHER_S
         while len(records) < GATHER_RECORDS:
             remaining = deadline - time.monotonic()
@@ -320,10 +333,11 @@ class Sink:
             if len(records) + len(group[1]) > GATHER_RECORDS:
                 self._carried = group
                 break
-            records += _records(*group)
+            records += _records(group[0], group[1])
+            refusals.append((len(group[1]), group[2]))
         self._taken_records += len(records)
         self._events.took_records(len(records))
-        return records
+        return records, refusals
 
     def _due(self) -> bool:
         batch = self._batch
@@ -343,11 +357,13 @@ class Sink:
             age = max(0.0, time.time() - batch.oldest_received_us / 1e6)
         self._events.oldest_uncommitted(age)
 
-    def _add_chunk(self, records: list[LogRecord]) -> None:
+    def _add_chunk(self, records: list[LogRecord], refusals: list[_Refusals] | None = None) -> None:
         """Decode ``records`` and add them to the pending batch, dropping repeated messages.
 
         A message is a repeat when its key was seen at a smaller lsn: earlier in this batch, or in
-        an earlier committed batch (the dedupe index, asked once per chunk).
+        an earlier committed batch (the dedupe index, asked once per chunk). ``refusals``: the
+        refused VINs for each run of records, in order (see :meth:`submit`); None: the clearance
+        state of now for all (replay).
         """
         if not records:
             return
@@ -355,12 +371,18 @@ class Sink:
         decoded = [decode(r.topic, r.payload, r.received_at_us) for r in records]
         keys = [dedupe_key(d, r) for d, r in zip(decoded, records, strict=True)]
         repeats = self._dedupe.duplicates(list(zip(keys, (r.lsn for r in records), strict=True)))
-        clearances = self._clearances
-        gate = clearances.refusal if clearances is not None else None
-        for record, message, key in zip(records, decoded, keys, strict=True):
-            self._open_batch(record).add(
-                record, message, key, repeat=record.lsn in repeats, gate=gate
-            )
+        if refusals is None:
+            clearances = self._clearances
+            refusals = [(len(records), None if clearances is None else clearances.refused_vins)]
+        position = 0
+        for count, refused in refusals:
+            gate = _gate(refused)
+            for index in range(position, position + count):
+                record = records[index]
+                self._open_batch(record).add(
+                    record, decoded[index], keys[index], repeat=record.lsn in repeats, gate=gate
+                )
+            position += count
 
     def _open_batch(self, record: LogRecord) -> PendingBatch:
         """The batch ``record`` extends (a new one when none is open), checking contiguity."""
@@ -519,3 +541,10 @@ def _records(first_lsn: int, entries: list[tuple[int, str, bytes]]) -> list[LogR
         LogRecord(first_lsn + offset, received_at_us, topic, payload)
         for offset, (received_at_us, topic, payload) in enumerate(entries)
     ]
+
+
+def _gate(refused: frozenset[str] | None) -> ClearanceGate | None:
+    """The clearance gate of one refused-VIN snapshot (as ClearanceStateStore.refusal words it)."""
+    if not refused:
+        return None
+    return lambda vin: REJECTED_NOT_CLEARED if vin in refused else None

@@ -4,6 +4,7 @@ per message at a few thousand messages a second)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from ingest import sink as sink_module
 from ingest import sink_process as sink_process_module
+from ingest.batch import REJECTED_NOT_CLEARED
 from ingest.checkpoint import CheckpointStore
 from ingest.decode import Decoder
 from ingest.dedupe import DedupeIndex
@@ -26,8 +28,9 @@ from ingest.sink import FlushPolicy, Sink, SinkEvents, SinkMetrics
 from ingest.sink_process import SinkProcess
 from ingest.testing.accounting import tally
 from ingest.testing.daemon import APP_ID, wait_for
-from ingest.testing.traffic import stream
+from ingest.testing.traffic import stream, v1_message
 from ingest.wal import WriteAheadLog
+from tests.daemon_support import read_table
 
 DEADLINE_S = 30.0
 
@@ -125,3 +128,48 @@ def test_the_daemon_side_holds_small_groups_and_sends_them_on_as_one_message() -
         sink_reads.close()
         reports_written.close()
         reports.close()
+
+
+class _Refused:
+    """A clearance gate whose refused VINs the test swaps, as ClearanceStateStore does."""
+
+    def __init__(self) -> None:
+        self.refused_vins: frozenset[str] = frozenset()
+
+    def refusal(self, vin: str) -> str | None:
+        return REJECTED_NOT_CLEARED if vin in self.refused_vins else None
+
+
+def test_a_group_is_judged_by_the_clearances_of_when_it_was_submitted(tmp_path: Path) -> None:
+    """A revocation that lands while a logged group waits for the sink does not reach back to
+    messages received before it; the groups submitted after it are refused."""
+    vin = "SBXHANDOVER000001"
+    base = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    before = [v1_message(APP_ID, vin, f"before-{i}", i, base) for i in range(3)]
+    after = [v1_message(APP_ID, vin, f"after-{i}", 10 + i, base) for i in range(3)]
+    wal = WriteAheadLog.open(tmp_path / "log")
+    sink = _sink(tmp_path, wal, SinkMetrics(Metrics(CollectorRegistry()), wal))
+    gate = _Refused()
+    sink.set_clearances(gate)
+    for group, refused in ((before, frozenset()), (after, frozenset({vin}))):
+        gate.refused_vins = refused
+        entries = [(1, m.topic, m.payload) for m in group]
+        first, _ = wal.append_batch(entries)
+        sink.submit(first, entries)
+    # Both groups wait in the queue and are gathered into one chunk under the new state.
+    stop = threading.Event()
+    thread = threading.Thread(target=sink.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: sink.committed_lsn == 6, DEADLINE_S, "the commit")
+    finally:
+        stop.set()
+        thread.join(DEADLINE_S)
+        sink.close()
+        wal.close()
+    telemetry = {row["message_id"] for row in read_table(tmp_path / "data", "telemetry")}
+    rejected = {
+        row["message_id"]: row["reason"] for row in read_table(tmp_path / "data", "rejected")
+    }
+    assert telemetry == {f"before-{i}" for i in range(3)}
+    assert rejected == {f"after-{i}": REJECTED_NOT_CLEARED for i in range(3)}
