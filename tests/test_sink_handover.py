@@ -56,6 +56,20 @@ def _sink(tmp_path: Path, wal: WriteAheadLog, events: SinkEvents) -> Sink:
     )
 
 
+def _run_until_committed(sink: Sink, wal: WriteAheadLog, last_lsn: int) -> None:
+    """Run the sink on its thread until ``last_lsn`` is committed, then close it and the log."""
+    stop = threading.Event()
+    thread = threading.Thread(target=sink.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: sink.committed_lsn == last_lsn, DEADLINE_S, "the commit")
+    finally:
+        stop.set()
+        thread.join(DEADLINE_S)
+        sink.close()
+        wal.close()
+
+
 def _taken_while_committing_six_groups_of_ten(tmp_path: Path) -> list[int]:
     """Six logged groups of ten messages, as intake hands them over at a low rate, all queued
     before the sink looks; what the sink reported taking, once all 60 are committed once."""
@@ -68,16 +82,7 @@ def _taken_while_committing_six_groups_of_ten(tmp_path: Path) -> list[int]:
         first, _ = wal.append_batch(entries)
         sink.submit(first, entries)
     assert sink.queued_records == 60
-    stop = threading.Event()
-    thread = threading.Thread(target=sink.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: sink.committed_lsn == 60, DEADLINE_S, "the commit")
-    finally:
-        stop.set()
-        thread.join(DEADLINE_S)
-        sink.close()
-        wal.close()
+    _run_until_committed(sink, wal, 60)
     assert sink.queued_records == 0
     assert tally(tmp_path / "data", [m.message_id for m in messages]).ok
     return events.taken
@@ -157,16 +162,7 @@ def test_a_group_is_judged_by_the_clearances_of_when_it_was_submitted(tmp_path: 
         first, _ = wal.append_batch(entries)
         sink.submit(first, entries)
     # Both groups wait in the queue and are gathered into one chunk under the new state.
-    stop = threading.Event()
-    thread = threading.Thread(target=sink.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: sink.committed_lsn == 6, DEADLINE_S, "the commit")
-    finally:
-        stop.set()
-        thread.join(DEADLINE_S)
-        sink.close()
-        wal.close()
+    _run_until_committed(sink, wal, 6)
     telemetry = {row["message_id"] for row in read_table(tmp_path / "data", "telemetry")}
     rejected = {
         row["message_id"]: row["reason"] for row in read_table(tmp_path / "data", "rejected")
