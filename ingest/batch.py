@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import time
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -27,15 +27,10 @@ from ingest.wal import LogRecord
 
 # Rejection reason of a message whose VIN's clearance HM revoked, rejected or canceled.
 REJECTED_NOT_CLEARED = "not_cleared"
-# Returns a human-readable refusal when rows for this VIN must not enter telemetry/, else None.
-ClearanceGate = Callable[[str], str | None]
 
 
 class Clearances(Protocol):
     """What the sink judges VINs by (:class:`ingest.fleet.store.ClearanceStateStore`)."""
-
-    def refusal(self, vin: str) -> str | None:
-        """Why rows of ``vin`` must not go to telemetry/ (None: let them through)."""
 
     @property
     def refused_vins(self) -> frozenset[str]:
@@ -161,13 +156,13 @@ class PendingBatch:
         key: str,
         *,
         repeat: bool = False,
-        gate: ClearanceGate | None = None,
+        refused: frozenset[str] | None = None,
     ) -> None:
         """Add one logged message under its dedupe ``key``.
 
         A repeat (``repeat``: of an earlier batch; or a key this batch has already) is only
         counted. A message the decoder rejected goes to ``rejected``, as does one whose VIN
-        ``gate`` refuses (returning why: not cleared); the rest becomes telemetry rows.
+        ``refused`` holds (not cleared); the rest becomes telemetry rows.
         """
         if repeat or key in self.seen:
             self.duplicates += 1
@@ -180,10 +175,9 @@ class PendingBatch:
                 record, rejection.reason, rejection.detail, rejection.message_id, rejection.vin
             )
             return
-        refusal = gate(decoded.vin) if gate is not None and decoded.vin else None
-        if refusal is not None:
+        if refused and decoded.vin in refused:
             self.add_rejection(
-                record, REJECTED_NOT_CLEARED, refusal, decoded.message_id, decoded.vin
+                record, REJECTED_NOT_CLEARED, REJECTED_NOT_CLEARED, decoded.message_id, decoded.vin
             )
             return
         self.add_rows(decoded)

@@ -3,8 +3,9 @@
 ``[fleet] enabled = true`` turns it on. The pieces live in :mod:`ingest.fleet`; this module only
 wires them to the daemon:
 
-* the sink asks :meth:`FleetControl.gate` about every message's VIN (from the sink thread), and
-  routes rows of VINs known to be revoked, rejected or canceled to ``rejected/`` as ``not_cleared``;
+* the sink judges every message's VIN by the store's refused VINs (a snapshot taken as each logged
+  group is handed over), and routes rows of VINs known to be revoked, rejected or canceled to
+  ``rejected/`` as ``not_cleared``;
 * the webhook hands verified ``fleet_clearance_changed`` events to :meth:`on_webhook`, which records
   the new status at once (so the gate reacts within a delivery) and wakes the control loop;
 * :meth:`run` is the control loop, one task in the daemon's TaskGroup. It never raises on HM API

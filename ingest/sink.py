@@ -38,7 +38,7 @@ from typing import Protocol
 
 import pyarrow as pa
 
-from ingest.batch import REJECTED_NOT_CLEARED, ClearanceGate, Clearances, PendingBatch, dedupe_key
+from ingest.batch import Clearances, PendingBatch, dedupe_key
 from ingest.checkpoint import Checkpoint, CheckpointStore
 from ingest.decode import Decoder
 from ingest.dedupe import DedupeIndex
@@ -376,11 +376,14 @@ class Sink:
             refusals = [(len(records), None if clearances is None else clearances.refused_vins)]
         position = 0
         for count, refused in refusals:
-            gate = _gate(refused)
             for index in range(position, position + count):
                 record = records[index]
                 self._open_batch(record).add(
-                    record, decoded[index], keys[index], repeat=record.lsn in repeats, gate=gate
+                    record,
+                    decoded[index],
+                    keys[index],
+                    repeat=record.lsn in repeats,
+                    refused=refused,
                 )
             position += count
 
@@ -541,10 +544,3 @@ def _records(first_lsn: int, entries: list[tuple[int, str, bytes]]) -> list[LogR
         LogRecord(first_lsn + offset, received_at_us, topic, payload)
         for offset, (received_at_us, topic, payload) in enumerate(entries)
     ]
-
-
-def _gate(refused: frozenset[str] | None) -> ClearanceGate | None:
-    """The clearance gate of one refused-VIN snapshot (as ClearanceStateStore.refusal words it)."""
-    if not refused:
-        return None
-    return lambda vin: REJECTED_NOT_CLEARED if vin in refused else None

@@ -49,7 +49,7 @@ from typing import IO, Any, Self
 import pyarrow as pa
 
 from ingest import gc_tuning
-from ingest.batch import REJECTED_NOT_CLEARED, Clearances
+from ingest.batch import Clearances
 from ingest.config import Settings
 from ingest.errors import IngestError, LogError, SinkError
 from ingest.logs import configure
@@ -327,16 +327,12 @@ class SinkProcess:
 
 
 class _RefusedVins:
-    """The clearance gate in the sink process: the refused VINs the daemon sent last."""
+    """The clearance gate in the sink process: the refused VINs the daemon sent last. Not the
+    daemon's ClearanceStateStore: ingest.fleet brings the HM API client (httpx, jwt,
+    cryptography), about 20 MB this process never uses."""
 
     def __init__(self) -> None:
         self.refused_vins: frozenset[str] = frozenset()
-
-    def refusal(self, vin: str) -> str | None:
-        # The daemon's gate (ClearanceStateStore.refusal) words it the same way; not imported
-        # from there, since ingest.fleet brings the HM API client (httpx, jwt, cryptography),
-        # about 20 MB this process never uses.
-        return REJECTED_NOT_CLEARED if vin in self.refused_vins else None
 
 
 class _Reports:

@@ -141,9 +141,6 @@ class _Refused:
     def __init__(self) -> None:
         self.refused_vins: frozenset[str] = frozenset()
 
-    def refusal(self, vin: str) -> str | None:
-        return REJECTED_NOT_CLEARED if vin in self.refused_vins else None
-
 
 def test_a_group_is_judged_by_the_clearances_of_when_it_was_submitted(tmp_path: Path) -> None:
     """A revocation that lands while a logged group waits for the sink does not reach back to
