@@ -59,6 +59,10 @@ def dedupe_key(decoded: Decoded, record: LogRecord) -> str:
 class _ChunkedTable:
     def __init__(self, schema: pa.Schema) -> None:
         self.schema = schema
+        # The rows are tuples in the schema's column order: pyarrow converts a list of them to
+        # a struct array in one pass, a third cheaper than transposing them with zip() and
+        # converting each column (bench/batch_memory.py).
+        self._row_type = pa.struct(list(schema))
         self.batches: list[pa.RecordBatch] = []
         self.pending: list[tuple[Any, ...]] = []
         self.rows = 0
@@ -76,12 +80,8 @@ class _ChunkedTable:
     def _seal(self) -> None:
         if not self.pending:
             return
-        columns = list(zip(*self.pending, strict=True))
-        arrays = [
-            pa.array(values, type=field.type, memory_pool=_POOL)
-            for values, field in zip(columns, self.schema, strict=True)
-        ]
-        self.batches.append(pa.RecordBatch.from_arrays(arrays, schema=self.schema))
+        rows = pa.array(self.pending, type=self._row_type, memory_pool=_POOL)
+        self.batches.append(pa.RecordBatch.from_arrays(rows.flatten(), schema=self.schema))
         self.pending = []
 
     def table(self) -> pa.Table:
