@@ -39,6 +39,7 @@ from bench.drain_support import (
     Result,
     bare_paho,
     bare_paho_session,
+    cpu_seconds,
     hm_ingest,
     make_backlog,
     mosquitto_sub,
@@ -81,9 +82,13 @@ def _drain_round(  # noqa: PLR0917 - one call site, every argument differs in ki
     round_no: int,
 ) -> list[Result]:
     results = []
+    assert broker.pid is not None
     for name in consumers:
         took = preload(broker, certs, backlog)
         print(f"  round {round_no}: preloaded for {name} in {took:.1f} s", flush=True)
+        # The broker shares the machine's cores with the consumer: what it spends sending the
+        # backlog is CPU the consumer cannot have (see _print_drain's last column).
+        broker_cpu0 = cpu_seconds(broker.pid)
         if name == "mosquitto_sub":
             results.append(mosquitto_sub(broker, certs, backlog))
         elif name == "paho":
@@ -92,6 +97,7 @@ def _drain_round(  # noqa: PLR0917 - one call site, every argument differs in ki
             daemon = BenchDaemon(broker, certs, work / f"daemon-{round_no}", overrides=overrides)
             results.append(hm_ingest(daemon, backlog, "hm-ingest run (durable)"))
         r = results[-1]
+        r.extra["broker_cpu_s"] = cpu_seconds(broker.pid) - broker_cpu0
         print(f"    {r.name}: {r.rate:,.0f} msg/s, {r.cpu_per_100k:.2f} CPU s/100k", flush=True)
     return results
 
@@ -118,16 +124,20 @@ def _print_drain(backlog: Backlog, rounds: list[list[Result]]) -> None:
     sub = next((v for k, v in rate.items() if k.startswith("mosquitto_sub")), None)
     paho = next((v for k, v in rate.items() if k.startswith("bare paho")), None)
     print(
-        "| consumer | msg/s | CPU s per 100k | peak RSS MB | vs mosquitto_sub | vs bare paho |\n"
-        "|---|---|---|---|---|---|"
+        "| consumer | msg/s | CPU s per 100k | peak RSS MB | vs mosquitto_sub | vs bare paho "
+        "| broker CPU s per 100k | cores busy (consumer + broker) |\n"
+        "|---|---|---|---|---|---|---|---|"
     )
     for name, rs in by_name.items():
         r_sub = f"{rate[name] / sub:.2f}" if sub else "-"
         r_paho = f"{rate[name] / paho:.2f}" if paho else "-"
+        broker = [r.extra["broker_cpu_s"] / r.messages * 100_000 for r in rs]
+        busy = [(r.cpu_s + r.extra["broker_cpu_s"]) / r.seconds for r in rs]
         print(
             f"| {name} | {_spread([r.rate for r in rs], ',.0f')} | "
             f"{_spread([r.cpu_per_100k for r in rs], '.2f')} | "
-            f"{_spread([r.rss_bytes / 1e6 for r in rs], '.0f')} | {r_sub} | {r_paho} |"
+            f"{_spread([r.rss_bytes / 1e6 for r in rs], '.0f')} | {r_sub} | {r_paho} | "
+            f"{_spread(broker, '.2f')} | {_spread(busy, '.2f')} of {os.cpu_count()} |"
         )
     for name, rs in by_name.items():
         last = rs[-1]

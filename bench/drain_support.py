@@ -179,7 +179,8 @@ def _hwm(pid: int) -> int:
     return 0
 
 
-def _cpu_s(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process (not its children), 0 once it is gone."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (FileNotFoundError, ProcessLookupError):
@@ -211,11 +212,11 @@ def proc_stats(pid: int) -> tuple[float, int]:
 
 def cpu_by_process(pid: int) -> dict[int, float]:
     """CPU seconds of ``pid`` and of each descendant, by pid (the daemon and its sink process)."""
-    return {member: _cpu_s(member) for member in process_tree(pid)}
+    return {member: cpu_seconds(member) for member in process_tree(pid)}
 
 
 def _stats(members: list[int]) -> tuple[float, int]:
-    return sum(_cpu_s(member) for member in members), sum(_hwm(member) for member in members)
+    return sum(cpu_seconds(member) for member in members), sum(_hwm(member) for member in members)
 
 
 def _wait_measured(
