@@ -55,7 +55,11 @@ CONNACK_TIMEOUT_S = 10.0
 # select() timeout in the loop. ack() and stop() wake it at once through paho's socket pair; this
 # only bounds how late keepalive checks run and how long a stop() during CONNECT takes to be seen.
 LOOP_TIMEOUT_S = 0.5
+# After the DISCONNECT: how long to wait for the broker to close the connection (see
+# _close_after_the_broker).
 STOP_DRAIN_S = 1.0
+# Bytes read (and dropped) per recv() while waiting for the broker to close.
+DRAIN_READ_BYTES = 65536
 # Topic filters per SUBSCRIBE / UNSUBSCRIBE packet. A replica may own thousands of VINs; one packet
 # each would cost a round trip per VIN, one packet for all of them could pass the broker's maximum
 # packet size (500 filters of ~60 bytes is ~30 kB).
@@ -289,7 +293,36 @@ def manual_ack_client(options: MqttOptions, ctx: ssl.SSLContext, *, clean: bool)
         client.tls_insecure_set(True)  # else paho runs its own hostname check as well
     client.connect_timeout = SOCKET_TIMEOUT_S
     client.on_socket_register_write = _written_by_the_loop_thread
+    client.on_socket_close = _close_after_the_broker
     return client
+
+
+def _close_after_the_broker(_client: paho.Client, _userdata: Any, sock: Any) -> None:
+    """Hands the connection over cleanly before paho closes the socket (right after it wrote a
+    DISCONNECT, or when the connection is lost).
+
+    Closing a socket that holds bytes we have not read (PUBLISHes the broker sent meanwhile:
+    paho reads one packet per loop) makes the kernel answer with a TCP reset instead of a FIN,
+    and a reset discards whatever a busy broker has not read yet: the DISCONNECT and the PUBACKs
+    just before it. Mosquitto then logs "disconnected: Protocol error" (its TLS read failed) and
+    redelivers the messages whose PUBACKs it lost to the session's next holder; replicas
+    stopping or handing a hosted session back under a stream showed it. So: end our side after
+    everything written (FIN), then read and drop until the broker closes, at most STOP_DRAIN_S,
+    as the native client does (ingest.mqtt_native). A connection already gone ends at the first
+    read.
+    """
+    if not isinstance(sock, socket.socket):  # paho's websocket wrapper, which we never use
+        return
+    try:
+        # On a TLS socket this ends the TLS layer too: what is read from here on is dropped.
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + STOP_DRAIN_S
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            if not sock.recv(DRAIN_READ_BYTES):
+                return  # the broker closed: it has read everything we wrote
+    except OSError:
+        pass  # reset, timed out or never connected: paho closes the socket either way
 
 
 def _written_by_the_loop_thread(_client: paho.Client, _userdata: Any, _sock: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import signal
 import socket
 import ssl
@@ -646,3 +647,55 @@ def test_native_session_stops_reading_while_the_consumer_is_full(
         assert session.reconnects == 0
     finally:
         session.stop()
+
+
+def test_stop_under_a_stream_ends_with_a_clean_disconnect(
+    broker: MosquittoBroker,
+    certs: CertBundle,
+    make_options: Callable[..., MqttOptions],
+    sessions: Callable[..., ReceiveSession],
+    prefix: str,
+) -> None:
+    """Stopped while the broker is still sending, the session's DISCONNECT reaches the broker.
+
+    Closing a socket that holds unread bytes makes the kernel reset the connection, and a reset
+    discards what the broker has not read yet: the DISCONNECT and the last PUBACKs. Mosquitto
+    then logs the TLS read failure as "disconnected: Protocol error" and redelivers the
+    messages whose PUBACKs it lost to the session's next holder.
+    """
+    options = make_options()
+    inbox = Inbox()
+    session = sessions(options, inbox)
+    inbox.auto_ack = session
+    session.wait_first_connection(DEADLINE_S)
+    flooding = threading.Event()
+    flooding.set()
+
+    def flood() -> None:
+        with Publisher(broker, certs) as publisher:
+            batch = [(f"{prefix}/flood", b"x" * 500)] * 200
+            while flooding.is_set():
+                publisher.publish_many(batch)
+
+    publisher_thread = threading.Thread(target=flood, daemon=True)
+    publisher_thread.start()
+    assert broker.pid is not None
+    try:
+        wait_until(lambda: len(inbox.payloads()) >= 2000, "the stream to reach the session")
+        # A broker too busy to read at once (as under a fleet's load): the session's last
+        # PUBACKs, its DISCONNECT and how it closes all arrive before the broker reads them.
+        stopping = threading.Thread(target=session.stop)
+        os.kill(broker.pid, signal.SIGSTOP)
+        try:
+            stopping.start()
+            time.sleep(0.2)
+        finally:
+            os.kill(broker.pid, signal.SIGCONT)
+        stopping.join(DEADLINE_S)
+    finally:
+        flooding.clear()
+        publisher_thread.join(DEADLINE_S)
+    ended = f"Client {options.client_id} disconnected"
+    wait_until(lambda: ended in broker.log_text(), "the broker to log the session's end")
+    lines = [line for line in broker.log_text().splitlines() if ended in line]
+    assert lines[-1].endswith(f"{ended}."), lines[-1]
