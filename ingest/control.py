@@ -98,10 +98,6 @@ class FleetControl:
             leading=follower is None,
         )
 
-    def gate(self, vin: str) -> str | None:
-        """Why rows of ``vin`` must not go to telemetry/ (None: let them through)."""
-        return self.store.refusal(vin)
-
     async def on_webhook(self, change: ClearanceChange) -> None:
         # SQLite with fsync, and it may wait for a reconcile cycle's transaction: off the loop.
         await asyncio.to_thread(

@@ -18,9 +18,9 @@ Statuses are HM's (``pending``, ``approved``, ``rejected``, ``revoking``, ``revo
 *complete* fleet listing no longer holds a VIN we knew. ``gone`` does not refuse data (we no longer
 know anything about that VIN), and a VIN that comes back simply transitions out of it.
 
-:meth:`ClearanceStateStore.refusal` is the sink's gate. It runs on the sink thread for every
-message, so it reads an immutable snapshot (a ``frozenset`` swapped in by reference), takes no
-lock and never touches SQLite.
+:attr:`ClearanceStateStore.refused_vins` is the sink's gate: the sink takes it as each logged
+group is handed over, from intake's thread, so it is an immutable snapshot (a ``frozenset``
+swapped in by reference) that takes no lock and never touches SQLite.
 """
 
 from __future__ import annotations
@@ -193,14 +193,15 @@ class ClearanceStateStore:
 
     # -- the gate ----------------------------------------------------------------------------
 
-    def refusal(self, vin: str) -> str | None:
-        """``"not_cleared"`` when HM last said revoked, rejected or canceled; otherwise None."""
-        return NOT_CLEARED if vin in self._refused else None
-
     @property
     def refused_vins(self) -> frozenset[str]:
-        """The VINs :meth:`refusal` refuses now (swapped, never mutated: compare by identity)."""
+        """The VINs HM last said are revoked, rejected or canceled (swapped, never mutated:
+        compare by identity)."""
         return self._refused
+
+    def refusal(self, vin: str) -> str | None:
+        """The same judgement for one VIN: ``"not_cleared"`` when ``vin`` is refused, else None."""
+        return NOT_CLEARED if vin in self._refused else None
 
     # -- reads -------------------------------------------------------------------------------
 

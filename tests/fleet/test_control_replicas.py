@@ -139,9 +139,10 @@ async def test_follower_never_registers_but_learns_hm_statuses(
         await cycles(control.follower)
         # Several cycles with two desired VINs missing at HM, and none was requested.
         assert await emulator.statuses() == {kept: "approved", revoked: "revoked"}
-        assert control.gate(revoked) == NOT_CLEARED
-        assert control.gate(kept) is None
-        assert control.gate(vin(1)) is None  # unknown to HM: let through, as a single daemon does
+        assert control.store.refusal(revoked) == NOT_CLEARED
+        assert control.store.refusal(kept) is None
+        # Unknown to HM: let through, as a single daemon does.
+        assert control.store.refusal(vin(1)) is None
     assert clearance_files(settings) == []  # the follower wrote no history
 
 
