@@ -149,17 +149,13 @@ class DedupeIndex:
     def _add_to_filter(self, entries: Sequence[tuple[str, int, int]]) -> None:
         """Before the keys are stored (a key in the filter and not in the index costs a lookup;
         the other way round would hide a duplicate)."""
-        self._filter.update(key for key, _, _ in entries)
-        if self._filter_room is None:
-            return
-        self._filter_room -= len(entries)
-        if self._filter_room < 0:
-            # Full: sized afresh from what the index holds (pruned keys leave it then), with
-            # these entries, which it does not hold yet.
+        if self._filter_room is not None and self._filter_room < len(entries):
+            # Full: sized afresh from what the index holds (pruned keys leave it then); these
+            # entries, which it does not hold yet, are added below.
             self._filter, self._filter_room = self._build_filter()
-            self._filter.update(key for key, _, _ in entries)
-            if self._filter_room is not None:
-                self._filter_room -= len(entries)
+        if self._filter_room is not None:
+            self._filter_room -= len(entries)
+        self._filter.update(key for key, _, _ in entries)
 
     def prune(self, now_us: int) -> int:
         """Delete entries first seen more than the retention before ``now_us``; returns how many."""
